@@ -1,0 +1,102 @@
+"""``python -m shakespeare_gpt {fit,validate,test,predict}``: LightningCLI wiring of data, model and trainer."""
+
+from __future__ import annotations
+
+import sys
+import warnings
+from pathlib import Path
+
+import torch
+from jsonargparse import Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+
+from .callbacks import SampleWriter
+from .data import ShakespeareDataModule
+from .errors import UserError
+from .lit import ShakespeareGPT
+
+
+class FitConfigSaver(SaveConfigCallback):
+    """Saves the resolved config next to a training run's logs; sampling runs leave no file."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage == "fit":
+            super().setup(trainer, pl_module, stage)
+
+
+class ShakespeareCLI(LightningCLI):
+    def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # Best (lowest val loss) and last checkpoints of every run, under its log folder.
+        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.set_defaults(
+            {
+                "checkpoint.monitor": "val/loss",
+                "checkpoint.mode": "min",
+                "checkpoint.save_last": True,
+                "checkpoint.filename": "best-step{step}-val{val/loss:.4f}",
+                "checkpoint.auto_insert_metric_name": False,
+            }
+        )
+        parser.add_lightning_class_args(SampleWriter, "writer")
+        # One source of truth for the context length: the model's.
+        parser.link_arguments("model.block_size", "data.block_size")
+        # The data decides the vocabulary; the model stores it, so a checkpoint can decode alone.
+        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if config.model.get("vocab") is not None and config.data.vocab is None:
+            # --ckpt_path filled the model's args from the checkpoint: keep its vocabulary, need no corpus.
+            config.data.vocab = config.model.vocab
+        if self.subcommand == "fit" and config.ckpt_path == "last":
+            _log_into_last_run(config)
+        if self.subcommand != "fit":
+            # Only training writes checkpoints; elsewhere this warning about their folder is noise.
+            warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+def _log_into_last_run(config: Namespace) -> None:
+    """Point the TensorBoard logger at the newest run that has a ``last.ckpt``.
+
+    Lightning looks for ``last.ckpt`` in the logger's *current* version folder, which is a fresh
+    one for every run; without this, ``fit --ckpt_path last`` would silently start over.
+    """
+    logger = config.trainer.logger
+    if not (isinstance(logger, Namespace) and str(logger.get("class_path", "")).endswith("TensorBoardLogger")):
+        return
+    args = logger.init_args
+    if args.get("version") is not None:
+        return
+    root = Path(args.save_dir) / (args.get("name") or "")
+    runs = sorted(root.glob("version_*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
+    if runs:
+        args.version = runs[-1].parent.parent.name
+
+
+def cli_main(args: list[str] | None = None) -> ShakespeareCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests pass it, so pytest's argv is not parsed)."""
+    # Lightning 2.6 on torch 2.13 warns about a torch-internal deprecation on every run; it is noise here.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    if torch.cuda.is_available():
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls for whatever runs in fp32
+    try:
+        return ShakespeareCLI(
+            ShakespeareGPT,
+            ShakespeareDataModule,
+            seed_everything_default=1337,
+            save_config_callback=FitConfigSaver,
+            save_config_kwargs={"overwrite": True},
+            auto_configure_optimizers=False,
+            trainer_defaults={
+                "check_val_every_n_epoch": None,
+                "logger": {
+                    "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                    "init_args": {"save_dir": "lightning_logs", "name": ""},
+                },
+            },
+            args=args,
+        )
+    except UserError as e:
+        sys.stderr.write(f"error: {e}\n")
+        raise SystemExit(1) from None

@@ -1,0 +1,185 @@
+"""The LightningModule: optimisation, logging and sampling around the plain-PyTorch GPT."""
+
+from __future__ import annotations
+
+import math
+from typing import Literal
+
+import lightning as L
+import torch
+from lightning.pytorch.loggers import TensorBoardLogger
+from torchmetrics import MeanMetric
+
+from .data import CharTokenizer
+from .errors import UserError
+from .generate import generate
+from .model import GPT, Activation, AttentionImpl, GPTConfig, Norm
+
+
+class ShakespeareGPT(L.LightningModule):
+    """A character-level GPT trained with AdamW.
+
+    The init args are flat primitives so that a checkpoint rebuilds the model on its own
+    (the vocabulary included) and ``--help`` lists every one.
+
+    Args:
+        vocab: the characters the model reads and writes; the CLI links it from the data.
+        block_size: longest context in characters.
+        n_layer: transformer blocks.
+        n_head: attention heads per block (1 = single head).
+        n_embd: embedding width; must be divisible by ``n_head``.
+        dropout: dropout rate on attention weights and sub-layer outputs.
+        feed_forward: include the feed-forward sub-layer in each block.
+        attn_proj: include the linear projection after the attention heads.
+        residual: add each sub-layer's input to its output.
+        norm: layer norm placement: ``pre``, ``post`` or ``none``.
+        activation: feed-forward non-linearity, ``relu`` or ``gelu``.
+        attention: ``sdpa`` (fused kernel) or ``explicit`` (softmax written out).
+        tie_weights: share the token embedding matrix with the output head.
+        learning_rate: peak AdamW learning rate.
+        lr_schedule: ``constant`` or ``cosine`` decay to ``min_lr`` after the warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup from 0 over this many steps.
+        decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
+        weight_decay: AdamW weight decay, applied to matrices only (not biases, norms or positions' gains).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        sample_tokens: characters of sample text logged to TensorBoard at each validation (0: none).
+    """
+
+    def __init__(
+        self,
+        vocab: str | None = None,
+        block_size: int = 256,
+        n_layer: int = 6,
+        n_head: int = 6,
+        n_embd: int = 384,
+        dropout: float = 0.2,
+        feed_forward: bool = True,
+        attn_proj: bool = True,
+        residual: bool = True,
+        norm: Norm = "pre",
+        activation: Activation = "relu",
+        attention: AttentionImpl = "sdpa",
+        tie_weights: bool = False,
+        learning_rate: float = 3e-4,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
+        min_lr: float = 0.0,
+        warmup_steps: int = 0,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        sample_tokens: int = 200,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        if vocab is None:
+            raise UserError("the model needs a vocabulary: train it through the CLI, which takes it from the data")
+        if lr_schedule not in ("constant", "cosine"):
+            raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        self.tokenizer = CharTokenizer(vocab)
+        self.config = GPTConfig(
+            vocab_size=len(vocab),
+            block_size=block_size,
+            n_layer=n_layer,
+            n_head=n_head,
+            n_embd=n_embd,
+            dropout=dropout,
+            feed_forward=feed_forward,
+            attn_proj=attn_proj,
+            residual=residual,
+            norm=norm,
+            activation=activation,
+            attention=attention,
+            tie_weights=tie_weights,
+        )
+        self.model = GPT(self.config)
+        self.val_loss = MeanMetric()
+
+    def forward(self, idx: torch.Tensor, targets: torch.Tensor | None = None):
+        return self.model(idx, targets)
+
+    def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
+        x, y = batch
+        _, loss = self.model(x, y)
+        self.log("train/loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        x, y = batch
+        _, loss = self.model(x, y)
+        # Weight each batch's mean by its number of real targets: the last window masks some.
+        self.val_loss.update(loss, weight=(y != -1).sum())
+
+    def on_validation_epoch_end(self) -> None:
+        loss = self.val_loss.compute()  # averaged over every process
+        self.val_loss.reset()
+        self.log_dict({"val/loss": loss, "val/bpc": loss / math.log(2)}, prog_bar=True)
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            self._log_sample()
+
+    def test_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+        self.validation_step(batch, batch_idx)
+
+    def on_test_epoch_end(self) -> None:
+        loss = self.val_loss.compute()
+        self.val_loss.reset()
+        self.log_dict({"test/loss": loss, "test/bpc": loss / math.log(2)})
+
+    def _log_sample(self) -> None:
+        if self.hparams.sample_tokens <= 0 or not isinstance(self.logger, TensorBoardLogger):
+            return
+        g = torch.Generator(device=self.device).manual_seed(0)  # same seed each time: compare across steps
+        start = torch.tensor([self.tokenizer.encode("\n")], device=self.device)
+        text = self.tokenizer.decode(self.generate(start, self.hparams.sample_tokens, generator=g)[0].tolist())
+        # Four leading spaces make TensorBoard's markdown keep the line breaks.
+        markdown = "\n".join("    " + line for line in text.split("\n"))
+        self.logger.experiment.add_text("sample", markdown, self.global_step)
+
+    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
+        g = torch.Generator(device=self.device).manual_seed(batch["seed"])
+        out = self.generate(batch["idx"], batch["max_new_tokens"], batch["temperature"], batch["top_k"], g)
+        return [self.tokenizer.decode(row) for row in out.tolist()]
+
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled characters."""
+        return generate(self.model, idx, max_new_tokens, temperature, top_k, generator)
+
+    def configure_optimizers(self):
+        hp = self.hparams
+        # Weight decay only on matrices (linear and embedding weights), never on biases or norm gains.
+        params = [p for p in self.parameters() if p.requires_grad]
+        groups = [
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay},
+            {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        ]
+        optimizer = torch.optim.AdamW(
+            groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=self.device.type == "cuda"
+        )
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self._lr_factor)
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
+
+    def _lr_factor(self, step: int) -> float:
+        """Multiplier of the peak learning rate at ``step``: linear warmup, then constant or cosine."""
+        hp = self.hparams
+        if step < hp.warmup_steps:
+            return (step + 1) / hp.warmup_steps
+        if hp.lr_schedule == "constant":
+            return 1.0
+        total = hp.decay_steps or self.trainer.max_steps
+        if total is None or total <= 0:
+            raise UserError("a cosine schedule needs --model.decay_steps or --trainer.max_steps")
+        progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
+        min_factor = hp.min_lr / hp.learning_rate
+        return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))

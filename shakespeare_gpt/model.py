@@ -1,0 +1,210 @@
+"""A decoder-only transformer written from scratch in plain PyTorch.
+
+Read top to bottom: the config, attention, the feed-forward network, a block, the GPT.
+Nothing here imports Lightning; training, logging and the CLI wrap this file.
+
+Every component the ablation study switches off is a field of ``GPTConfig`` and is
+implemented by one branch or an ``nn.Identity()``, never by a second copy of a class.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+import torch.nn as nn
+from torch.nn import functional as F
+
+from .errors import UserError
+
+Norm = Literal["pre", "post", "none"]
+Activation = Literal["relu", "gelu"]
+AttentionImpl = Literal["sdpa", "explicit"]
+
+
+@dataclass
+class GPTConfig:
+    """Architecture of the network. The defaults are the lecture's model (about 10.8M parameters)."""
+
+    vocab_size: int = 65  # number of distinct characters; the data decides it
+    block_size: int = 256  # longest context the model sees (learned positions exist up to here)
+    n_layer: int = 6  # transformer blocks
+    n_head: int = 6  # attention heads per block; 1 is the single-head ablation
+    n_embd: int = 384  # width of the residual stream
+    dropout: float = 0.2  # on attention weights and on each sub-layer's output
+    feed_forward: bool = True  # the MLP sub-layer of each block
+    attn_proj: bool = True  # the linear projection after the concatenated heads
+    residual: bool = True  # x + f(x) around each sub-layer (False: x = f(x))
+    norm: Norm = "pre"  # layer norm before each sub-layer, after the residual add, or none at all
+    activation: Activation = "relu"  # the lecture uses ReLU; GPT-2 uses GELU
+    attention: AttentionImpl = "sdpa"  # fused kernel, or the explicit softmax that exposes the weights
+    tie_weights: bool = False  # share the token embedding with the output head
+
+    def __post_init__(self) -> None:
+        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+        if self.n_embd % self.n_head != 0:
+            raise UserError(
+                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
+                "choose n_head so that every head gets n_embd // n_head dimensions"
+            )
+        if not 0.0 <= self.dropout < 1.0:
+            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+        choices = {"norm": Norm, "activation": Activation, "attention": AttentionImpl}
+        for name, kind in choices.items():
+            allowed = kind.__args__
+            if getattr(self, name) not in allowed:
+                raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+
+    @property
+    def head_size(self) -> int:
+        return self.n_embd // self.n_head
+
+
+class CausalSelfAttention(nn.Module):
+    """All heads at once: one fused q/k/v projection, causal attention, optional output projection."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.n_head = config.n_head
+        self.attention = config.attention
+        self.dropout = config.dropout
+        # The lecture's heads have no bias on key, query and value; one matrix computes all three.
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd) if config.attn_proj else nn.Identity()
+        self.attn_dropout = nn.Dropout(config.dropout)
+        self.resid_dropout = nn.Dropout(config.dropout)
+        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        self.register_buffer("causal_mask", mask, persistent=False)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)
+        # (B, T, C) -> (B, nh, T, hs)
+        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        if self.attention == "sdpa":
+            # Dropout inside the kernel must be switched off by hand at evaluation.
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+        else:
+            # Scores are scaled by 1/sqrt(head_size), not 1/sqrt(n_embd).
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
+            att = att.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
+            att = F.softmax(att, dim=-1)
+            # A forward hook on attn_dropout sees these weights, for whoever wants to plot them.
+            y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
+        y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
+        return self.resid_dropout(self.proj(y))
+
+
+class FeedForward(nn.Module):
+    """Position-wise MLP: widen 4x, non-linearity, project back."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
+        self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.dropout(self.proj(self.act(self.fc(x))))
+
+
+class Block(nn.Module):
+    """Attention then feed-forward, each wrapped in residual and layer norm as the config says."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.norm = config.norm
+        self.residual = config.residual
+        self.attn = CausalSelfAttention(config)
+        self.ffwd = FeedForward(config) if config.feed_forward else None
+
+        def make_norm() -> nn.Module:
+            return nn.LayerNorm(config.n_embd) if config.norm != "none" else nn.Identity()
+
+        self.ln1 = make_norm()
+        self.ln2 = make_norm() if config.feed_forward else nn.Identity()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Apply both sub-layers.
+
+        ::
+
+            pre  (GPT-2, default):  x -> x + f(ln(x))
+            post (original paper):  x -> ln(x + f(x))
+            none:                   x -> x + f(x)
+            residual=False:         the "x +" is dropped in each of the above
+        """
+        x = self._sublayer(x, self.attn, self.ln1)
+        if self.ffwd is not None:
+            x = self._sublayer(x, self.ffwd, self.ln2)
+        return x
+
+    def _sublayer(self, x: torch.Tensor, f: nn.Module, ln: nn.Module) -> torch.Tensor:
+        if self.norm == "post":
+            out = f(x)
+            return ln(x + out if self.residual else out)
+        out = f(ln(x))  # ln is Identity when norm == "none"
+        return x + out if self.residual else out
+
+
+class GPT(nn.Module):
+    """Token and position embeddings, ``n_layer`` blocks, a final layer norm and a linear head."""
+
+    def __init__(self, config: GPTConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.n_embd)
+        self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
+        self.ln_f = nn.LayerNorm(config.n_embd) if config.norm != "none" else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        if config.tie_weights:
+            self.lm_head.weight = self.tok_emb.weight
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds to the stream, so shrink its last layer.
+        for name, p in self.named_parameters():
+            if name.endswith("proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def num_parameters(self) -> int:
+        """Distinct parameters (a tied embedding counts once)."""
+        return sum(p.numel() for p in self.parameters())
+
+    def forward(
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Next-character logits for every position, and the mean cross-entropy if targets are given.
+
+        Args:
+            idx: (B, T) character indices, T <= block_size.
+            targets: (B, T) the next character at each position; -1 marks a position to ignore.
+        """
+        B, T = idx.shape
+        if T > self.config.block_size:
+            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
+        pos = torch.arange(T, device=idx.device)
+        x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None
+        if targets is not None:
+            loss = F.cross_entropy(logits.view(B * T, -1), targets.reshape(B * T), ignore_index=-1)
+        return logits, loss

@@ -1,0 +1,75 @@
+"""Tiny corpora and configs shared by the tests: everything runs on CPU in seconds, without network."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+VERSE = (
+    "First Citizen:\nBefore we proceed any further, hear me speak.\n\n"
+    "All:\nSpeak, speak.\n\n"
+    "First Citizen:\nYou are all resolved rather to die than to famish?\n\n"
+    "All:\nResolved. resolved.\n\n"
+)
+TINY_TEXT = VERSE * 40  # about 6 KB: structured enough that a tiny model's loss falls fast
+
+# A model small enough that a Lightning fit of a few steps takes about a second.
+TINY_MODEL_ARGS = [
+    "--model.block_size=16",
+    "--model.n_layer=1",
+    "--model.n_head=2",
+    "--model.n_embd=16",
+    "--model.dropout=0.0",
+    "--model.sample_tokens=20",
+]
+
+
+@pytest.fixture
+def corpus_dir(tmp_path: Path) -> Path:
+    """A data_dir holding a tiny ``input.txt`` (used with ``sha256=None``)."""
+    d = tmp_path / "data"
+    d.mkdir()
+    (d / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
+    return d
+
+
+@pytest.fixture
+def serve() -> Iterator:
+    """``serve(payload) -> url`` of a loopback HTTP server answering every GET with ``payload``."""
+    servers = []
+
+    def start(payload: bytes) -> str:
+        class Handler(BaseHTTPRequestHandler):
+            def do_GET(self) -> None:
+                self.send_response(200)
+                self.send_header("Content-Length", str(len(payload)))
+                self.end_headers()
+                self.wfile.write(payload)
+
+            def log_message(self, *args) -> None:
+                pass
+
+        server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        threading.Thread(target=server.serve_forever, daemon=True).start()
+        servers.append(server)
+        return f"http://127.0.0.1:{server.server_address[1]}/input.txt"
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def closed_port_url() -> str:
+    """A loopback URL where nothing listens: stands in for "no network"."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/input.txt"

@@ -1,0 +1,136 @@
+"""End to end through LightningCLI: fit a few steps, resume, predict from the checkpoint with no data."""
+
+from pathlib import Path
+
+import pytest
+import torch
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from shakespeare_gpt.cli import cli_main
+
+from .conftest import TINY_MODEL_ARGS
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def fit_args(corpus_dir: Path, max_steps: int = 4) -> list[str]:
+    return [
+        "fit",
+        f"--data.data_dir={corpus_dir}",
+        "--data.sha256=null",
+        "--data.batch_size=4",
+        *TINY_MODEL_ARGS,
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+    ]
+
+
+@pytest.fixture
+def trained(corpus_dir, tmp_path, monkeypatch):
+    """A fitted tiny run in tmp_path/lightning_logs/version_0."""
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(fit_args(corpus_dir))
+    assert cli.trainer.global_step == 4
+    return tmp_path / "lightning_logs" / "version_0"
+
+
+def test_fit_keeps_best_and_last_checkpoints_and_logs_to_tensorboard(trained):
+    ckpts = sorted(p.name for p in (trained / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts
+    assert any(name.startswith("best-step") for name in ckpts)
+    assert (trained / "config.yaml").exists()
+    events = EventAccumulator(str(trained), size_guidance={"scalars": 0, "tensors": 0}).Reload()
+    scalars = events.Tags()["scalars"]
+    for tag in ["train/loss", "val/loss", "val/bpc", "train/lr"]:
+        assert tag in scalars, scalars
+    assert len(events.Scalars("val/loss")) == 2  # one full validation every 2 of the 4 steps
+    assert "sample/text_summary" in events.Tags()["tensors"]
+
+
+def test_checkpoint_carries_the_vocabulary(trained, corpus_dir):
+    ckpt = torch.load(trained / "checkpoints" / "last.ckpt", weights_only=True)
+    text = (corpus_dir / "input.txt").read_text()
+    assert ckpt["hyper_parameters"]["vocab"] == "".join(sorted(set(text)))
+
+
+def test_predict_from_checkpoint_with_no_data_on_disk(trained, tmp_path, monkeypatch, capsys):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    ckpt = next((trained / "checkpoints").glob("best-*.ckpt"))
+    cli_main(
+        [
+            "predict",
+            f"--config={ROOT / 'configs' / 'predict.yaml'}",
+            f"--ckpt_path={ckpt}",
+            "--data.prompt=First",
+            "--data.num_samples=2",
+            "--data.max_new_tokens=30",
+            "--data.top_k=10",  # the tiny corpus has fewer characters than the config's top_k
+        ]
+    )
+    out = capsys.readouterr().out
+    samples = (elsewhere / "lightning_logs" / "samples.txt").read_text()
+    assert out.count("----- sample") == 2 and samples.count("----- sample") == 2
+    for line in ("----- sample 1 -----\nFirst", "----- sample 2 -----\nFirst"):
+        assert line in out and line in samples
+    assert not (elsewhere / "data").exists()  # nothing was downloaded or needed
+
+
+def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    common = ["predict", f"--ckpt_path={ckpt}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
+
+    def sample(*args: str) -> str:
+        cli_main([*common, "--data.prompt=All:", "--data.max_new_tokens=25", *args])
+        text = (tmp_path / "lightning_logs" / "samples.txt").read_text()
+        return text.removeprefix("----- sample 1 -----\n").removesuffix("\n")
+
+    greedy = [sample("--data.top_k=1", f"--data.seed={seed}") for seed in (1, 2)]
+    assert greedy[0] == greedy[1]  # top_k=1 is greedy: the seed no longer matters
+    hot = [sample("--data.temperature=3.0", f"--data.seed={seed}") for seed in (1, 1, 2)]
+    assert hot[0] == hot[1] != hot[2]  # the seed makes sampling repeatable
+    for text in greedy + hot:
+        assert text.startswith("All:") and len(text) == len("All:") + 25
+
+
+def test_fit_resumes_from_last(trained, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([*fit_args(corpus_dir, max_steps=6), "--ckpt_path=last"])
+    assert cli.trainer.global_step == 6
+    assert cli.trainer.logger.log_dir == str(Path("lightning_logs") / "version_0")  # same run folder
+    assert not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_bad_model_shape_is_one_line_error(corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*fit_args(corpus_dir), "--model.n_head=3"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        "error: GPTConfig.n_embd=16 is not divisible by n_head=3: "
+        "choose n_head so that every head gets n_embd // n_head dimensions"
+    )
+
+
+@pytest.mark.parametrize("config", ["shakespeare_char.yaml", "cpu.yaml"])
+def test_shipped_configs_parse_and_build_their_model(config, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        f"--config={ROOT / 'configs' / config}",
+        f"--data.data_dir={corpus_dir}",
+        "--data.sha256=null",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        "--print_config",
+    ]
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 0

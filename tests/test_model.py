@@ -1,0 +1,157 @@
+import pytest
+import torch
+
+from shakespeare_gpt.errors import UserError
+from shakespeare_gpt.generate import generate
+from shakespeare_gpt.model import GPT, Block, GPTConfig
+
+TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+
+# Every switch of the ablation study, each flipped away from its default.
+SWITCHES = [
+    {},
+    {"n_head": 1},
+    {"feed_forward": False},
+    {"attn_proj": False},
+    {"residual": False},
+    {"norm": "post"},
+    {"norm": "none"},
+    {"dropout": 0.3},
+    {"activation": "gelu"},
+    {"attention": "explicit"},
+    {"tie_weights": True},
+    {"n_layer": 1},
+]
+
+
+def tiny(**overrides) -> GPT:
+    torch.manual_seed(0)
+    return GPT(GPTConfig(**{**TINY, **overrides}))
+
+
+def test_default_model_is_the_lectures():
+    # The lecture's model reports 10.788929 M parameters with the 65-character vocabulary.
+    assert GPT(GPTConfig()).num_parameters() == 10_788_929
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_every_switch_builds_runs_and_learns(switch):
+    model = tiny(**switch)
+    idx = torch.randint(0, 11, (3, 8))
+    logits, loss = model(idx, idx)
+    assert logits.shape == (3, 8, 11)
+    loss.backward()
+    assert all(p.grad is not None for p in model.parameters())
+
+
+@pytest.mark.parametrize("switch", SWITCHES, ids=lambda s: ",".join(f"{k}={v}" for k, v in s.items()) or "default")
+def test_causality_future_tokens_do_not_change_earlier_logits(switch):
+    model = tiny(**switch).eval()
+    idx = torch.randint(0, 11, (2, 8))
+    changed = idx.clone()
+    changed[:, 5] = (idx[:, 5] + 1) % 11
+    a, _ = model(idx)
+    b, _ = model(changed)
+    torch.testing.assert_close(a[:, :5], b[:, :5])
+    assert not torch.allclose(a[:, 5:], b[:, 5:])
+
+
+@pytest.mark.parametrize("norm", ["pre", "post", "none"])
+def test_sdpa_and_explicit_attention_agree(norm):
+    sdpa = tiny(norm=norm).eval()
+    explicit = tiny(norm=norm, attention="explicit").eval()
+    explicit.load_state_dict(sdpa.state_dict())
+    idx = torch.randint(0, 11, (2, 8))
+    torch.testing.assert_close(sdpa(idx)[0], explicit(idx)[0], atol=1e-5, rtol=1e-5)
+
+
+def test_dropout_is_off_in_eval_and_on_in_training():
+    model = tiny(dropout=0.5)
+    idx = torch.randint(0, 11, (2, 8))
+    model.eval()
+    torch.testing.assert_close(model(idx)[0], model(idx)[0])
+    model.train()
+    assert not torch.allclose(model(idx)[0], model(idx)[0])
+
+
+def test_post_norm_normalises_after_the_residual_add():
+    cfg = GPTConfig(**{**TINY, "norm": "post", "feed_forward": False})
+    block = Block(cfg).eval()
+    x = torch.randn(2, 8, 16)
+    expected = block.ln1(x + block.attn(x))
+    torch.testing.assert_close(block(x), expected)
+
+
+def test_no_residual_drops_the_skip_connection():
+    cfg = GPTConfig(**{**TINY, "residual": False, "feed_forward": False})
+    block = Block(cfg).eval()
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(block(x), block.attn(block.ln1(x)))
+
+
+def test_switched_off_parts_are_absent():
+    model = tiny(feed_forward=False, attn_proj=False, norm="none")
+    block = model.blocks[0]
+    assert block.ffwd is None
+    assert isinstance(block.attn.proj, torch.nn.Identity)
+    assert not any(isinstance(m, torch.nn.LayerNorm) for m in model.modules())
+
+
+def test_tied_weights_share_one_matrix():
+    model = tiny(tie_weights=True)
+    assert model.lm_head.weight is model.tok_emb.weight
+    assert model.num_parameters() == tiny().num_parameters() - 11 * 16
+
+
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        ({"n_embd": 10, "n_head": 3}, "n_embd=10 is not divisible by n_head=3"),
+        ({"n_layer": 0}, "n_layer"),
+        ({"dropout": 1.0}, "dropout"),
+        ({"norm": "middle"}, "norm"),
+    ],
+)
+def test_impossible_shapes_fail_at_construction_naming_the_field(overrides, message):
+    with pytest.raises(UserError, match=message):
+        GPTConfig(**{**TINY, **overrides})
+
+
+def test_loss_falls_on_a_small_text():
+    from .conftest import TINY_TEXT
+
+    vocab = sorted(set(TINY_TEXT))
+    data = torch.tensor([vocab.index(c) for c in TINY_TEXT])
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=len(vocab), block_size=16, n_layer=1, n_head=2, n_embd=32, dropout=0.0))
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    losses = []
+    for _ in range(150):
+        i = torch.randint(0, len(data) - 17, (16,))
+        chunk = data[i[:, None] + torch.arange(17)]
+        _, loss = model(chunk[:, :-1], chunk[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] > 3.0  # about ln(vocab size) at initialisation
+    assert sum(losses[-10:]) / 10 < 1.5
+
+
+def test_greedy_generation_is_deterministic_and_runs_past_block_size():
+    model = tiny()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    a = generate(model, idx, 20, top_k=1, generator=torch.Generator().manual_seed(1))
+    b = generate(model, idx, 20, top_k=1, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (2, 23)  # longer than block_size=8: the context slides
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :3], idx)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_restores_training_mode():
+    model = tiny().train()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = generate(model, idx, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = generate(model, idx, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert model.training
