@@ -92,7 +92,7 @@ def cli_main(args: list[str] | None = None) -> ShakespeareCLI:
                 "check_val_every_n_epoch": None,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-                    "init_args": {"save_dir": "lightning_logs", "name": ""},
+                    "init_args": {"save_dir": "lightning_logs", "name": "", "default_hp_metric": False},
                 },
             },
             args=args,
