@@ -19,7 +19,22 @@ def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, v
         raise UserError(f"top_k must be between 1 and the vocabulary size {vocab_size}, or None; got {top_k}")
 
 
-@torch.no_grad()
+def window_start(length: int, block_size: int) -> int:
+    """Index of the first character the model sees when the text has ``length`` characters.
+
+    Learned positions stop at ``block_size``, so a longer text is seen through a window. The
+    window jumps forward a quarter block at a time rather than one character: a KV cache is then
+    rebuilt once every ``block_size // 4`` steps instead of at every step, and the model always
+    sees at least three quarters of a block. The cached and uncached paths share this rule, so
+    they produce the same text.
+    """
+    if length <= block_size:
+        return 0
+    shift = max(1, block_size // 4)
+    return -(-(length - block_size) // shift) * shift  # the smallest multiple of shift that fits
+
+
+@torch.inference_mode()
 def generate(
     model: GPT,
     idx: torch.Tensor,
@@ -27,11 +42,12 @@ def generate(
     temperature: float = 1.0,
     top_k: int | None = None,
     generator: torch.Generator | None = None,
+    use_cache: bool = True,
 ) -> torch.Tensor:
     """Extend each row of ``idx`` by ``max_new_tokens`` sampled characters.
 
-    The context is cropped to the last ``block_size`` characters, so the text can grow past the
-    longest sequence the model was trained on.
+    The text can grow past ``block_size``: the model then sees a sliding window of it (see
+    ``window_start``); a prompt longer than ``block_size`` is cropped to its end the same way.
 
     Args:
         model: the network; it is put in eval mode for the duration and restored afterwards.
@@ -40,6 +56,7 @@ def generate(
         temperature: divides the logits; below 1 is more conservative, above 1 more random.
         top_k: sample only among the k most likely characters (1 is greedy decoding).
         generator: random source, for reproducible samples.
+        use_cache: keep each layer's keys and values so every step computes only the new token.
 
     Returns:
         (B, T + max_new_tokens) indices: the prompt followed by the sample.
@@ -47,10 +64,17 @@ def generate(
     check_sampling(max_new_tokens, temperature, top_k, model.config.vocab_size)
     was_training = model.training
     model.eval()
+    cache, cache_start = None, None
     try:
         for _ in range(max_new_tokens):
-            idx_cond = idx[:, -model.config.block_size :]
-            logits, _ = model(idx_cond)
+            start = window_start(idx.size(1), model.config.block_size)
+            if not use_cache:
+                logits, _ = model(idx[:, start:])
+            elif start != cache_start:  # first step, or the window moved: fill a new cache
+                cache, cache_start = model.new_cache(), start
+                logits, _ = model(idx[:, start:], cache=cache)
+            else:
+                logits, _ = model(idx[:, -1:], cache=cache)
             logits = logits[:, -1, :] / temperature  # (B, vocab_size)
             if top_k is not None:
                 kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]

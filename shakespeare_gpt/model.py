@@ -10,6 +10,7 @@ implemented by one branch or an ``nn.Identity()``, never by a second copy of a c
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
@@ -66,6 +67,34 @@ class GPTConfig:
         return self.n_embd // self.n_head
 
 
+class KVCache:
+    """Keys and values one attention layer has computed so far, so generation feeds one new token per step.
+
+    Positions count from the start of the current context window; the cache fills up to
+    ``max_len`` (the block size) and is then rebuilt by the caller (see ``generate``).
+    """
+
+    def __init__(self, max_len: int) -> None:
+        self.max_len = max_len
+        self.length = 0
+        self.k: torch.Tensor | None = None
+        self.v: torch.Tensor | None = None
+
+    def append(self, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Store (B, nh, T, hs) keys and values after the ones held; return all of them."""
+        if self.k is None:  # allocated on first use, in the dtype autocast gives k and v
+            B, nh, _, hs = k.shape
+            self.k = k.new_empty(B, nh, self.max_len, hs)
+            self.v = v.new_empty(B, nh, self.max_len, hs)
+        end = self.length + k.size(2)
+        if end > self.max_len:
+            raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}: rebuild it")
+        self.k[:, :, self.length : end] = k
+        self.v[:, :, self.length : end] = v
+        self.length = end
+        return self.k[:, :, :end], self.v[:, :, :end]
+
+
 class CausalSelfAttention(nn.Module):
     """All heads at once: one fused q/k/v projection, causal attention, optional output projection."""
 
@@ -82,21 +111,33 @@ class CausalSelfAttention(nn.Module):
         mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
         self.register_buffer("causal_mask", mask, persistent=False)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
         q, k, v = self.qkv(x).split(C, dim=2)
         # (B, T, C) -> (B, nh, T, hs)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        if self.attention == "sdpa":
+        start = 0  # position of x's first token in the context
+        if cache is not None:
+            start = cache.length
+            k, v = cache.append(k, v)  # (B, nh, start + T, hs)
+        # Query i (at position start + i) may see keys 0 .. start + i. One new token sees them all.
+        mask = None if T == 1 else self.causal_mask[start : start + T, : start + T]
+        if self.attention == "sdpa" and T > 1:
             # Dropout inside the kernel must be switched off by hand at evaluation.
             p = self.dropout if self.training else 0.0
-            y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            if start == 0:
+                y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
+            else:
+                y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
+            # Also the path of a single new token (generation): three small ops beat the fused
+            # kernel's fixed cost on a CPU.
             # Scores are scaled by 1/sqrt(head_size), not 1/sqrt(n_embd).
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, T)
-            att = att.masked_fill(~self.causal_mask[:T, :T], float("-inf"))
+            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, start + T)
+            if mask is not None:
+                att = att.masked_fill(~mask, float("-inf"))
             att = F.softmax(att, dim=-1)
             # A forward hook on attn_dropout sees these weights, for whoever wants to plot them.
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
@@ -134,7 +175,7 @@ class Block(nn.Module):
         self.ln1 = make_norm()
         self.ln2 = make_norm() if config.feed_forward else nn.Identity()
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         """Apply both sub-layers.
 
         ::
@@ -144,12 +185,12 @@ class Block(nn.Module):
             none:                   x -> x + f(x)
             residual=False:         the "x +" is dropped in each of the above
         """
-        x = self._sublayer(x, self.attn, self.ln1)
+        x = self._sublayer(x, lambda h: self.attn(h, cache), self.ln1)
         if self.ffwd is not None:
             x = self._sublayer(x, self.ffwd, self.ln2)
         return x
 
-    def _sublayer(self, x: torch.Tensor, f: nn.Module, ln: nn.Module) -> torch.Tensor:
+    def _sublayer(self, x: torch.Tensor, f: Callable[[torch.Tensor], torch.Tensor], ln: nn.Module) -> torch.Tensor:
         if self.norm == "post":
             out = f(x)
             return ln(x + out if self.residual else out)
@@ -187,22 +228,28 @@ class GPT(nn.Module):
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def new_cache(self) -> list[KVCache]:
+        """An empty KV cache for each block, for ``forward(..., cache=...)``."""
+        return [KVCache(self.config.block_size) for _ in self.blocks]
+
     def forward(
-        self, idx: torch.Tensor, targets: torch.Tensor | None = None
+        self, idx: torch.Tensor, targets: torch.Tensor | None = None, cache: list[KVCache] | None = None
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Next-character logits for every position, and the mean cross-entropy if targets are given.
 
         Args:
             idx: (B, T) character indices, T <= block_size.
             targets: (B, T) the next character at each position; -1 marks a position to ignore.
+            cache: from ``new_cache()``; ``idx`` then continues the tokens the cache has seen.
         """
         B, T = idx.shape
-        if T > self.config.block_size:
-            raise ValueError(f"sequence length {T} exceeds block_size={self.config.block_size}")
-        pos = torch.arange(T, device=idx.device)
+        start = cache[0].length if cache else 0
+        if start + T > self.config.block_size:
+            raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")
+        pos = torch.arange(start, start + T, device=idx.device)
         x = self.tok_emb(idx) + self.pos_emb(pos)  # (B, T, C)
-        for block in self.blocks:
-            x = block(x)
+        for i, block in enumerate(self.blocks):
+            x = block(x, cache[i] if cache else None)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None
         if targets is not None:

@@ -155,3 +155,32 @@ def test_sampling_is_reproducible_with_a_seed_and_restores_training_mode():
     b = generate(model, idx, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
     assert torch.equal(a, b)
     assert model.training
+
+
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 13])
+def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len):
+    model = tiny(attention=attention)
+    idx = torch.randint(0, 11, (2, prompt_len))
+    # 40 new tokens with block_size 8: the window moves many times, and the cache is rebuilt each time.
+    cached = generate(model, idx, 40, top_k=1, use_cache=True)
+    uncached = generate(model, idx, 40, top_k=1, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_kv_cache_logits_match_a_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 11, (2, 8))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    first, _ = model(idx[:, :3], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 8)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_window_slides_a_quarter_block_at_a_time():
+    from shakespeare_gpt.generate import window_start
+
+    assert [window_start(n, 8) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
+    assert all(n - window_start(n, 256) <= 256 for n in range(1, 2000))
+    assert all(n - window_start(n, 256) >= 192 for n in range(256, 2000))
