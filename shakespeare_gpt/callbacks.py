@@ -1,11 +1,14 @@
-"""Callbacks the CLI attaches: writing predicted samples out."""
+"""Callbacks the CLI attaches: writing predicted samples out, measuring training throughput."""
 
 from __future__ import annotations
 
 import os
 import sys
+import time
 from pathlib import Path
 
+import torch
+from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 
 
@@ -41,3 +44,50 @@ class SampleWriter(Callback):
         tmp.write_text(body, encoding="utf-8")
         os.replace(tmp, self.path)
         sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
+
+
+class Throughput(Callback):
+    """Logs training tokens/s and model FLOPs utilisation (MFU) to the logger.
+
+    Time is measured over windows of ``trainer.log_every_n_steps`` steps, validation excluded.
+    The GPU is synchronised only at the end of a window, never at every step.
+
+    Args:
+        peak_flops: the device's peak FLOP/s for the training dtype, for MFU. By default Lightning's
+            table of known GPUs (e.g. 989e12 for an H100 in bf16); give it for a CPU or other device.
+    """
+
+    def __init__(self, peak_flops: float | None = None) -> None:
+        self.peak_flops = peak_flops
+        self._t0 = 0.0
+        self._tokens = 0
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if self.peak_flops is None:
+            dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
+            self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+
+    def _restart(self) -> None:
+        self._t0, self._tokens = time.perf_counter(), 0
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._restart()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        self._restart()  # validation time is not training time
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        x, _ = batch
+        self._tokens += x.numel() * trainer.world_size
+        if (trainer.global_step % trainer.log_every_n_steps) != 0 or trainer.logger is None:
+            return
+        if x.device.type == "cuda":
+            torch.cuda.synchronize()
+        elapsed = time.perf_counter() - self._t0
+        tokens_per_s = self._tokens / elapsed
+        metrics = {"perf/tokens_per_s": tokens_per_s}
+        if self.peak_flops:
+            model_flops = pl_module.model.flops_per_token() * tokens_per_s
+            metrics["perf/mfu"] = model_flops / (self.peak_flops * trainer.world_size)
+        trainer.logger.log_metrics(metrics, step=trainer.global_step)
+        self._restart()

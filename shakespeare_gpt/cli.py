@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import SampleWriter
+from .callbacks import SampleWriter, Throughput
 from .data import ShakespeareDataModule
 from .errors import UserError
 from .lit import ShakespeareGPT
@@ -39,13 +39,14 @@ class ShakespeareCLI(LightningCLI):
             }
         )
         parser.add_lightning_class_args(SampleWriter, "writer")
+        parser.add_lightning_class_args(Throughput, "throughput")
         # One source of truth for the context length: the model's.
         parser.link_arguments("model.block_size", "data.block_size")
         # The data decides the vocabulary; the model stores it, so a checkpoint can decode alone.
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
 
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config
         if config.model.get("vocab") is not None and config.data.vocab is None:
             # --ckpt_path filled the model's args from the checkpoint: keep its vocabulary, need no corpus.
             config.data.vocab = config.model.vocab
@@ -74,8 +75,12 @@ def _log_into_last_run(config: Namespace) -> None:
         args.version = runs[-1].parent.parent.name
 
 
-def cli_main(args: list[str] | None = None) -> ShakespeareCLI:
-    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests pass it, so pytest's argv is not parsed)."""
+def cli_main(args: list[str] | None = None, run: bool = True) -> ShakespeareCLI:
+    """Run the CLI; ``args`` replaces ``sys.argv[1:]`` (tests pass it, so pytest's argv is not parsed).
+
+    With ``run=False`` there is no subcommand: the model, data and trainer are only built
+    from the config (the benchmark uses this to time exactly what ``fit`` would run).
+    """
     # Lightning 2.6 on torch 2.13 warns about a torch-internal deprecation on every run; it is noise here.
     warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
     if torch.cuda.is_available():
@@ -96,6 +101,7 @@ def cli_main(args: list[str] | None = None) -> ShakespeareCLI:
                 },
             },
             args=args,
+            run=run,
         )
     except UserError as e:
         sys.stderr.write(f"error: {e}\n")

@@ -120,13 +120,14 @@ class TrainWindows(Dataset):
         if len(data) < block_size + 1:
             raise UserError(f"the train split has {len(data)} characters, fewer than block_size + 1 = {block_size + 1}")
         self.data = data
-        self.offsets = torch.arange(block_size + 1)
+        self.offsets = torch.arange(block_size + 1, device=data.device)
 
     def __len__(self) -> int:
         return len(self.data) - len(self.offsets) + 1
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        chunk = self.data[torch.tensor(indices)[:, None] + self.offsets]  # (B, T + 1)
+        starts = torch.tensor(indices, device=self.data.device)
+        chunk = self.data[starts[:, None] + self.offsets]  # (B, T + 1)
         return chunk[:, :-1], chunk[:, 1:]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,7 +152,7 @@ class ValWindows(Dataset):
         tail = n_targets - T  # a window starting here ends exactly at the last character
         if covered < n_targets:
             starts.append(tail)
-        idx = torch.tensor(starts)[:, None] + torch.arange(T)
+        idx = torch.tensor(starts, device=data.device)[:, None] + torch.arange(T, device=data.device)
         self.x, self.y = data[idx], data[idx + 1].clone()
         if covered < n_targets:
             self.y[-1, : covered - tail] = -1
@@ -160,7 +161,7 @@ class ValWindows(Dataset):
         return len(self.x)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        i = torch.tensor(indices)
+        i = torch.tensor(indices, device=self.x.device)
         return self.x[i], self.y[i]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -176,6 +177,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         batch_size: training windows per step.
         val_batch_size: windows per validation batch (default: ``batch_size``).
         num_workers: DataLoader worker processes; batches are cheap, 0 is usually fastest.
+        on_device: keep the encoded text on the training device (a GPU): batches are gathered
+            there and never copied from the host. The whole corpus is 9 MB as int64.
         vocab: fixed characters to encode with; by default the sorted characters of the corpus.
             Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
         prompt: text that every predicted sample starts from.
@@ -195,6 +198,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         batch_size: int = 64,
         val_batch_size: int | None = None,
         num_workers: int = 0,
+        on_device: bool = False,
         vocab: str | None = None,
         prompt: str = "\n",
         num_samples: int = 1,
@@ -212,6 +216,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
+        self.on_device = on_device
         self.url = url
         self.sha256 = sha256
         self._vocab = vocab
@@ -245,6 +250,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             data = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
         except UserError as e:
             raise UserError(f"{self.data_dir}/input.txt does not fit the checkpoint: {e}") from None
+        if self.on_device and self.trainer is not None:
+            data = data.to(self.trainer.strategy.root_device)
         n = int(TRAIN_FRACTION * len(data))
         self.train_data, self.val_data = data[:n], data[n:]
 
@@ -255,8 +262,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             shuffle=True,
             drop_last=True,
             collate_fn=_batch_as_is,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
+            num_workers=0 if self.on_device else self.num_workers,
+            persistent_workers=self.num_workers > 0 and not self.on_device,
         )
 
     def val_dataloader(self) -> DataLoader:

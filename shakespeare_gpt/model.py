@@ -228,6 +228,17 @@ class GPT(nn.Module):
         """Distinct parameters (a tied embedding counts once)."""
         return sum(p.numel() for p in self.parameters())
 
+    def flops_per_token(self) -> int:
+        """Training FLOPs per token, forward and backward (PaLM, appendix B).
+
+        6 per weight of every matrix multiply (2 forward, 4 backward) plus the attention scores
+        and their weighted sum, 12 * n_layer * n_embd * block_size. Embedding lookups cost none.
+        """
+        cfg = self.config
+        matrices = sum(p.numel() for p in self.parameters() if p.dim() == 2)  # a tied matrix counts once
+        lookups = self.pos_emb.weight.numel() + (0 if cfg.tie_weights else self.tok_emb.weight.numel())
+        return 6 * (matrices - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
     def new_cache(self) -> list[KVCache]:
         """An empty KV cache for each block, for ``forward(..., cache=...)``."""
         return [KVCache(self.config.block_size) for _ in self.blocks]

@@ -1,0 +1,243 @@
+"""Benchmark: ``python -m shakespeare_gpt.bench --config configs/cpu.yaml``.
+
+Measures, for the model and data of a config:
+
+- train: step time and tokens/s through the project's own Lightning ``fit`` path and through a
+  bare PyTorch loop over the same model, optimiser, schedule and batches (the ratio is the
+  framework's overhead), and the time spent fetching batches;
+- fit: wall time of a whole ``python -m shakespeare_gpt fit`` run (a fresh process, validations
+  included) and the best val loss it reached;
+- generate: tokens/s of batch-1 sampling with and without the KV cache.
+
+Step times are medians of the per-step intervals after warm-up steps, over ``--repeats`` runs.
+Everything is printed as a table and written to JSON. Extra arguments go to the CLI's parser,
+e.g. ``--trainer.accelerator cpu`` or ``--model.compile true``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import statistics
+import subprocess
+import sys
+import time
+import warnings
+from contextlib import nullcontext
+from pathlib import Path
+
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from .cli import cli_main
+from .generate import generate
+from .lit import ShakespeareGPT
+
+
+class StepTimer(Callback):
+    """Records the wall-clock time at the end of every training step."""
+
+    def __init__(self) -> None:
+        self.stamps: list[float] = []
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        self.stamps.append(time.perf_counter())
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def _median_interval(stamps: list[float], warmup: int) -> float:
+    return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False))
+
+
+def build(config: str, extra: list[str], max_steps: int):
+    """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
+    args = [
+        f"--config={config}",
+        *extra,
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.limit_val_batches=0",
+        "--trainer.logger=false",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        "--checkpoint.save_top_k=0",
+        "--checkpoint.save_last=false",
+    ]
+    return cli_main(args, run=False)
+
+
+def time_lightning(config: str, extra: list[str], steps: int, warmup: int) -> float:
+    cli = build(config, extra, warmup + steps)
+    timer = StepTimer()
+    cli.trainer.callbacks.append(timer)
+    cli.trainer.fit(cli.model, cli.datamodule)
+    return _median_interval(timer.stamps, warmup)
+
+
+def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[float, float]:
+    """The same step in a plain loop: returns (median step seconds, median batch-fetch seconds)."""
+    cli = build(config, extra, warmup + steps)
+    module: ShakespeareGPT = cli.model
+    trainer, dm = cli.trainer, cli.datamodule
+    device = trainer.strategy.root_device
+    module.to(device)
+    module.trainer = trainer  # the lr schedule reads max_steps from it
+    module.configure_model()
+    dm.trainer = trainer
+    dm.setup("fit")
+    opt_config = module.configure_optimizers()
+    opt, sched = opt_config["optimizer"], opt_config["lr_scheduler"]["scheduler"]
+    bf16 = "bf16" in str(trainer.precision)
+    autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
+    module.train()
+    stamps, fetches = [], []
+    batches = iter(dm.train_dataloader())
+    for _ in range(warmup + steps):
+        t = time.perf_counter()
+        x, y = next(batches)
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        fetches.append(time.perf_counter() - t)
+        with autocast:
+            loss = module._loss((x, y))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        stamps.append(time.perf_counter())
+    _sync(device)
+    return _median_interval(stamps, warmup), statistics.median(fetches[warmup:])
+
+
+def time_fit(config: str, extra: list[str]) -> dict:
+    """Wall time of a whole ``fit`` in a fresh process, and the best val loss it logged."""
+    name = f"bench_{Path(config).stem}"
+    cmd = [sys.executable, "-m", "shakespeare_gpt", "fit", f"--config={config}", *extra]
+    cmd += [f"--trainer.logger.init_args.name={name}", "--trainer.enable_progress_bar=false"]
+    t = time.perf_counter()
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    wall = time.perf_counter() - t
+    run = max(Path("lightning_logs", name).glob("version_*"), key=lambda p: p.stat().st_mtime)
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    val = [e.value for e in events.Scalars("val/loss")]
+    return {"wall_s": wall, "best_val_loss": min(val), "last_val_loss": val[-1], "log_dir": str(run)}
+
+
+def time_generate(config: str, extra: list[str], tokens: int, repeats: int) -> dict:
+    cli = build(config, extra, 1)
+    model = cli.model.model.to(cli.trainer.strategy.root_device).eval()
+    idx = torch.zeros(1, 1, dtype=torch.long, device=cli.trainer.strategy.root_device)
+    out = {}
+    for use_cache in (True, False):
+        generate(model, idx, 20, use_cache=use_cache)  # warm-up
+        rates = []
+        for r in range(repeats):
+            g = torch.Generator(idx.device).manual_seed(r)
+            t = time.perf_counter()
+            generate(model, idx, tokens, generator=g, use_cache=use_cache)
+            _sync(idx.device)
+            rates.append(tokens / (time.perf_counter() - t))
+        out["cached" if use_cache else "uncached"] = statistics.median(rates)
+    out["speedup"] = out["cached"] / out["uncached"]
+    return out
+
+
+def machine() -> dict:
+    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), None)
+    info["cpu"] = cpu or platform.processor()
+    if torch.cuda.is_available():
+        info["gpu"] = torch.cuda.get_device_name()
+    return info
+
+
+def _cpuinfo() -> list[str]:
+    try:
+        return Path("/proc/cpuinfo").read_text().splitlines()
+    except OSError:
+        return []
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other arguments go to the CLI.")
+    parser.add_argument("--config", required=True)
+    parser.add_argument("--sections", default="train,fit,generate", help="comma-separated: train, fit, generate")
+    parser.add_argument("--steps", type=int, default=100, help="timed training steps per repeat")
+    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--gen-tokens", type=int, default=1000)
+    parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
+    opts, extra = parser.parse_known_args(argv)
+    # The benchmark hands the CLI its own argument list on purpose.
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter")
+    sections = set(opts.sections.split(","))
+    result: dict = {"config": opts.config, "extra_args": extra, "machine": machine()}
+
+    if "train" in sections:
+        lightning = [time_lightning(opts.config, extra, opts.steps, opts.warmup) for _ in range(opts.repeats)]
+        bare = [time_bare(opts.config, extra, opts.steps, opts.warmup) for _ in range(opts.repeats)]
+        cli = build(opts.config, extra, 1)
+        tokens = cli.datamodule.batch_size * cli.model.hparams.block_size
+        flops = cli.model.model.flops_per_token() * tokens
+        step_l, step_b = statistics.median(lightning), statistics.median(b[0] for b in bare)
+        fetch = statistics.median(b[1] for b in bare)
+        result["train"] = {
+            "tokens_per_step": tokens,
+            "gflop_per_step": flops / 1e9,
+            "lightning_step_ms": 1000 * step_l,
+            "bare_step_ms": 1000 * step_b,
+            "framework_overhead": step_l / step_b - 1,
+            "lightning_tokens_per_s": tokens / step_l,
+            "bare_tokens_per_s": tokens / step_b,
+            "lightning_gflops": flops / step_l / 1e9,
+            "batch_fetch_ms": 1000 * fetch,
+            "batch_fetch_share_of_step": fetch / step_b,
+        }
+    if "fit" in sections:
+        result["fit"] = time_fit(opts.config, extra)
+    if "generate" in sections:
+        result["generate"] = time_generate(opts.config, extra, opts.gen_tokens, opts.repeats)
+
+    out = Path(opts.out or f"lightning_logs/bench/{Path(opts.config).stem}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=2) + "\n")
+    print(table(result))
+    print(f"\nwrote {out}")
+    return result
+
+
+def table(result: dict) -> str:
+    rows = [("config", f"{result['config']} {' '.join(result['extra_args'])}".strip())]
+    rows += [(k, str(v)) for k, v in result["machine"].items()]
+    if t := result.get("train"):
+        rows += [
+            (
+                "train step, Lightning fit path",
+                f"{t['lightning_step_ms']:.2f} ms ({t['lightning_tokens_per_s']:,.0f} tok/s)",
+            ),
+            ("train step, bare PyTorch loop", f"{t['bare_step_ms']:.2f} ms ({t['bare_tokens_per_s']:,.0f} tok/s)"),
+            ("framework overhead", f"{100 * t['framework_overhead']:+.1f}%"),
+            (
+                "model FLOP/s (Lightning path)",
+                f"{t['lightning_gflops']:.1f} GFLOP/s ({t['gflop_per_step']:.2f} GFLOP/step)",
+            ),
+            ("batch fetch", f"{t['batch_fetch_ms']:.3f} ms ({100 * t['batch_fetch_share_of_step']:.2f}% of a step)"),
+        ]
+    if f := result.get("fit"):
+        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s, best val loss {f['best_val_loss']:.4f}")]
+    if g := result.get("generate"):
+        rows += [
+            ("generate, KV cache", f"{g['cached']:,.1f} tok/s"),
+            ("generate, no cache", f"{g['uncached']:,.1f} tok/s"),
+            ("cache speed-up", f"{g['speedup']:.2f}x"),
+        ]
+    width = max(len(k) for k, _ in rows)
+    return "\n".join(f"{k:<{width}}  {v}" for k, v in rows)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,106 @@
+"""The fast paths agree with the plain ones: compiled vs eager checkpoints, FLOP counting, data on device."""
+
+import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+
+from shakespeare_gpt.cli import cli_main
+from shakespeare_gpt.lit import ShakespeareGPT
+from shakespeare_gpt.model import GPT, GPTConfig
+
+from .conftest import TINY_MODEL_ARGS
+
+TINY = dict(vocab="\n abcdefgh", block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_compiled_module_keeps_the_eager_parameter_names():
+    eager = ShakespeareGPT(**TINY)
+    compiled = ShakespeareGPT(**TINY, compile=True)
+    compiled.configure_model()  # sets up torch.compile; nothing is compiled until the first call
+    assert compiled._compiled_forward is not None
+    assert list(compiled.state_dict()) == list(eager.state_dict())
+    compiled.load_state_dict(eager.state_dict())
+    eager.load_state_dict(compiled.state_dict())
+
+
+def test_checkpoint_of_a_torch_compile_wrapped_network_loads_into_an_eager_model():
+    source = ShakespeareGPT(**TINY)
+    wrapped = torch.compile(source.model)  # what other scripts save: keys gain "_orig_mod."
+    state = {f"model.{k}": v for k, v in wrapped.state_dict().items()}
+    assert all("._orig_mod." in k for k in state if k.startswith("model."))
+    checkpoint = {"state_dict": state}
+    target = ShakespeareGPT(**TINY)
+    target.on_load_checkpoint(checkpoint)
+    target.load_state_dict(checkpoint["state_dict"])
+    for a, b in zip(source.state_dict().values(), target.state_dict().values(), strict=True):
+        assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("overrides", [{}, {"feed_forward": False}, {"tie_weights": True}, {"attn_proj": False}])
+def test_flops_per_token_matches_a_flop_counter(overrides):
+    cfg = GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, attention="explicit", **overrides)
+    model = GPT(cfg)
+    idx = torch.randint(0, 65, (1, cfg.block_size))
+    with FlopCounterMode(display=False) as counter:
+        model(idx, idx)[1].backward()
+    counted = counter.get_total_flops() / cfg.block_size
+    # The formula counts the causal attention as full T x T products, as the explicit path computes them.
+    assert counted == model.flops_per_token()
+
+
+def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        f"--data.data_dir={corpus_dir}",
+        "--data.sha256=null",
+        "--data.batch_size=4",
+        "--data.on_device=true",
+        *TINY_MODEL_ARGS,
+        "--trainer.max_steps=4",
+        "--trainer.val_check_interval=4",
+        "--trainer.log_every_n_steps=2",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--throughput.peak_flops=1e11",
+    ]
+    cli_main(args)
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
+    assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
+
+
+@pytest.mark.slow
+def test_compiled_fit_then_eager_predict(corpus_dir, tmp_path, monkeypatch, capsys):
+    """torch.compile on CPU takes tens of seconds: run with `pytest -m slow`."""
+    monkeypatch.chdir(tmp_path)
+    common = [f"--data.data_dir={corpus_dir}", "--data.sha256=null", *TINY_MODEL_ARGS]
+    cli_main(["fit", *common, "--model.compile=true", "--trainer.max_steps=3", "--trainer.val_check_interval=3"])
+    ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    cli_main(["predict", f"--ckpt_path={ckpt}", "--model.compile=false", "--trainer.logger=false", "--data.prompt=a"])
+    assert "----- sample 1 -----\na" in capsys.readouterr().out
+
+
+@cuda
+@pytest.mark.gpu
+@pytest.mark.parametrize("precision", ["bf16-mixed", "32-true"])
+def test_gpu_fit_with_compile_and_data_on_device(corpus_dir, tmp_path, monkeypatch, precision):
+    monkeypatch.chdir(tmp_path)
+    args = [
+        "fit",
+        f"--data.data_dir={corpus_dir}",
+        "--data.sha256=null",
+        "--data.on_device=true",
+        *TINY_MODEL_ARGS,
+        "--model.compile=true",
+        "--trainer.accelerator=gpu",
+        f"--trainer.precision={precision}",
+        "--trainer.max_steps=3",
+        "--trainer.val_check_interval=3",
+    ]
+    cli = cli_main(args)
+    assert cli.trainer.global_step == 3
+    assert cli.datamodule.train_data.device.type == "cuda"
