@@ -32,8 +32,8 @@ from lightning.pytorch.callbacks import Callback
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from .cli import cli_main
-from .generate import generate
 from .lit import ShakespeareGPT
+from .sampling import generate
 
 
 class StepTimer(Callback):

@@ -12,8 +12,8 @@ from torchmetrics import MeanMetric
 
 from .data import CharTokenizer
 from .errors import UserError
-from .generate import generate
 from .model import GPT, Activation, AttentionImpl, GPTConfig, Norm
+from .sampling import generate
 
 
 class ShakespeareGPT(L.LightningModule):

@@ -2,8 +2,8 @@ import pytest
 import torch
 
 from shakespeare_gpt.errors import UserError
-from shakespeare_gpt.generate import generate
 from shakespeare_gpt.model import GPT, Block, GPTConfig
+from shakespeare_gpt.sampling import generate
 
 TINY = dict(vocab_size=11, block_size=8, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 
@@ -179,7 +179,7 @@ def test_kv_cache_logits_match_a_full_forward():
 
 
 def test_window_slides_a_quarter_block_at_a_time():
-    from shakespeare_gpt.generate import window_start
+    from shakespeare_gpt.sampling import window_start
 
     assert [window_start(n, 8) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
     assert all(n - window_start(n, 256) <= 256 for n in range(1, 2000))
