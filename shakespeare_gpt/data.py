@@ -179,6 +179,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         num_workers: DataLoader worker processes; batches are cheap, 0 is usually fastest.
         on_device: keep the encoded text on the training device (a GPU): batches are gathered
             there and never copied from the host. The whole corpus is 9 MB as int64.
+        eval_train: at each validation also pass over a val-sized stretch of the train split in
+            eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
         vocab: fixed characters to encode with; by default the sorted characters of the corpus.
             Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
         prompt: text that every predicted sample starts from.
@@ -199,6 +201,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         val_batch_size: int | None = None,
         num_workers: int = 0,
         on_device: bool = False,
+        eval_train: bool = False,
         vocab: str | None = None,
         prompt: str = "\n",
         num_samples: int = 1,
@@ -217,6 +220,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.on_device = on_device
+        self.eval_train = eval_train
         self.url = url
         self.sha256 = sha256
         self._vocab = vocab
@@ -266,16 +270,20 @@ class ShakespeareDataModule(L.LightningDataModule):
             persistent_workers=self.num_workers > 0 and not self.on_device,
         )
 
-    def val_dataloader(self) -> DataLoader:
-        return self._eval_loader()
+    def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        if not self.eval_train:
+            return self._eval_loader(self.val_data)
+        # The same full pass over a stretch of train text as long as the val split: with dropout
+        # off, its loss minus the val loss is the generalisation gap.
+        return [self._eval_loader(self.val_data), self._eval_loader(self.train_data[: len(self.val_data)])]
 
     def test_dataloader(self) -> DataLoader:
         # Tiny Shakespeare has no separate test split; "test" reports on the val split.
-        return self._eval_loader()
+        return self._eval_loader(self.val_data)
 
-    def _eval_loader(self) -> DataLoader:
+    def _eval_loader(self, data: torch.Tensor) -> DataLoader:
         return DataLoader(
-            ValWindows(self.val_data, self.block_size),
+            ValWindows(data, self.block_size),
             batch_size=self.val_batch_size,
             shuffle=False,
             collate_fn=_batch_as_is,

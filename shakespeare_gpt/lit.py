@@ -100,6 +100,7 @@ class ShakespeareGPT(L.LightningModule):
         )
         self.model = GPT(self.config)
         self.val_loss = MeanMetric()
+        self.train_eval_loss = MeanMetric()  # used when the data module adds a train-split pass
         self._compiled_forward = None
 
     def configure_model(self) -> None:
@@ -121,14 +122,19 @@ class ShakespeareGPT(L.LightningModule):
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
 
-    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> None:
+    def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
+        metric = self.val_loss if dataloader_idx == 0 else self.train_eval_loss
         # Weight each batch's mean by its number of real targets: the last window masks some.
-        self.val_loss.update(self._loss(batch), weight=(batch[1] != -1).sum())
+        metric.update(self._loss(batch), weight=(batch[1] != -1).sum())
 
     def on_validation_epoch_end(self) -> None:
         loss = self.val_loss.compute()  # averaged over every process
         self.val_loss.reset()
-        self.log_dict({"val/loss": loss, "val/bpc": loss / math.log(2)}, prog_bar=True)
+        metrics = {"val/loss": loss, "val/bpc": loss / math.log(2)}
+        if self.train_eval_loss.update_called:
+            metrics["train_eval/loss"] = self.train_eval_loss.compute()
+            self.train_eval_loss.reset()
+        self.log_dict(metrics, prog_bar=True)
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             self._log_sample()
 

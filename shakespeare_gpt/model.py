@@ -31,7 +31,7 @@ class GPTConfig:
 
     vocab_size: int = 65  # number of distinct characters; the data decides it
     block_size: int = 256  # longest context the model sees (learned positions exist up to here)
-    n_layer: int = 6  # transformer blocks
+    n_layer: int = 6  # transformer blocks; 0 leaves embeddings and head: the bigram baseline
     n_head: int = 6  # attention heads per block; 1 is the single-head ablation
     n_embd: int = 384  # width of the residual stream
     dropout: float = 0.2  # on attention weights and on each sub-layer's output
@@ -44,11 +44,11 @@ class GPTConfig:
     tie_weights: bool = False  # share the token embedding with the output head
 
     def __post_init__(self) -> None:
-        positive = ("vocab_size", "block_size", "n_layer", "n_head", "n_embd")
-        for name in positive:
+        minimum = {"vocab_size": 1, "block_size": 1, "n_layer": 0, "n_head": 1, "n_embd": 1}
+        for name, least in minimum.items():
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-                raise UserError(f"GPTConfig.{name} must be a positive integer, got {value!r}")
+            if not isinstance(value, int) or isinstance(value, bool) or value < least:
+                raise UserError(f"GPTConfig.{name} must be an integer >= {least}, got {value!r}")
         if self.n_embd % self.n_head != 0:
             raise UserError(
                 f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
@@ -215,7 +215,7 @@ class GPT(nn.Module):
         # GPT-2's scaled init: each residual branch adds to the stream, so shrink its last layer.
         for name, p in self.named_parameters():
             if name.endswith("proj.weight"):
-                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))  # only in blocks
 
     @staticmethod
     def _init_weights(module: nn.Module) -> None:

@@ -21,6 +21,7 @@ SWITCHES = [
     {"attention": "explicit"},
     {"tie_weights": True},
     {"n_layer": 1},
+    {"n_layer": 0},  # the bigram baseline: embeddings and head only
 ]
 
 
@@ -107,7 +108,7 @@ def test_tied_weights_share_one_matrix():
     "overrides,message",
     [
         ({"n_embd": 10, "n_head": 3}, "n_embd=10 is not divisible by n_head=3"),
-        ({"n_layer": 0}, "n_layer"),
+        ({"n_layer": -1}, "n_layer"),
         ({"dropout": 1.0}, "dropout"),
         ({"norm": "middle"}, "norm"),
     ],
