@@ -149,33 +149,43 @@ def _init_worker(threads: int) -> None:
         logging.getLogger(name).setLevel(logging.ERROR)
 
 
+def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
+    """Yield (run, result or exception) as runs finish: in this process for one job, else a pool."""
+    if jobs == 1:
+        for run in todo:
+            try:
+                yield run, execute(study, run, study_dir)
+            except Exception as e:
+                yield run, e
+        return
+    threads = max(1, (os.cpu_count() or 1) // jobs)
+    ctx = multiprocessing.get_context("spawn")
+    with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
+        futures = {pool.submit(execute, study, run, study_dir): run for run in todo}
+        for future in as_completed(futures):
+            error = future.exception()
+            yield futures[future], error if error is not None else future.result()
+
+
 def run_study(study: Study, study_dir: Path, jobs: int) -> list[dict]:
     """Run every point that has no ``result.json`` yet, ``jobs`` at a time; return all results."""
     todo = [r for r in study.runs() if not (r.folder(study_dir) / "result.json").exists()]
     total, done = len(study.runs()), len(study.runs()) - len(todo)
     print(f"{study.name}: {total} runs, {done} already finished, {len(todo)} to go, {jobs} at a time", flush=True)
     failures = []
-    if todo:
-        threads = max(1, (os.cpu_count() or 1) // jobs)
-        ctx = multiprocessing.get_context("spawn")
-        start = time.perf_counter()
-        with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
-            futures = {pool.submit(execute, study, r, study_dir): r for r in todo}
-            for i, future in enumerate(as_completed(futures), 1):
-                run = futures[future]
-                label = f"{run.variant} lr={run.lr:g} seed={run.seed}"
-                try:
-                    result = future.result()
-                except Exception as e:  # one broken point must not stop the study
-                    failures.append(run)
-                    print(f"[{done + i}/{total}] {label}: FAILED: {type(e).__name__}: {e}", flush=True)
-                    continue
-                eta = (time.perf_counter() - start) / i * (len(todo) - i)
-                print(
-                    f"[{done + i}/{total}] {label}: best val {result['best_val_loss']:.4f}, "
-                    f"gap {result['final_gap']:+.4f} ({result['seconds']:.0f} s; about {eta / 60:.0f} min left)",
-                    flush=True,
-                )
+    start = time.perf_counter()
+    for i, (run, outcome) in enumerate(_outcomes(study, todo, study_dir, jobs), 1):
+        label = f"{run.variant} lr={run.lr:g} seed={run.seed}"
+        if isinstance(outcome, Exception):  # one broken point must not stop the study
+            failures.append(run)
+            print(f"[{done + i}/{total}] {label}: FAILED: {type(outcome).__name__}: {outcome}", flush=True)
+            continue
+        eta = (time.perf_counter() - start) / i * (len(todo) - i)
+        print(
+            f"[{done + i}/{total}] {label}: best val {outcome['best_val_loss']:.4f}, "
+            f"gap {outcome['final_gap']:+.4f} ({outcome['seconds']:.0f} s; about {eta / 60:.0f} min left)",
+            flush=True,
+        )
     if failures:
         raise UserError(f"{len(failures)} run(s) failed; run the same command again to retry only those")
     return [json.loads((r.folder(study_dir) / "result.json").read_text()) for r in study.runs()]

@@ -185,3 +185,33 @@ def test_window_slides_a_quarter_block_at_a_time():
     assert [window_start(n, 8) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
     assert all(n - window_start(n, 256) <= 256 for n in range(1, 2000))
     assert all(n - window_start(n, 256) >= 192 for n in range(256, 2000))
+
+
+def test_pre_norm_normalises_the_sublayer_input_and_adds_the_residual():
+    block = Block(GPTConfig(**{**TINY, "feed_forward": False})).eval()
+    x = torch.randn(2, 8, 16)
+    torch.testing.assert_close(block(x), x + block.attn(block.ln1(x)))
+
+
+def test_feed_forward_sublayer_follows_attention():
+    block = Block(GPTConfig(**TINY)).eval()
+    x = torch.randn(2, 8, 16)
+    h = x + block.attn(block.ln1(x))
+    torch.testing.assert_close(block(x), h + block.ffwd(block.ln2(h)))
+
+
+@pytest.mark.parametrize("n_head", [1, 2, 4])
+def test_n_head_splits_attention_into_that_many_weight_maps(n_head):
+    model = tiny(n_head=n_head, attention="explicit").eval()
+    seen = []
+    model.blocks[0].attn.attn_dropout.register_forward_hook(lambda m, i, o: seen.append(o.shape))
+    model(torch.randint(0, 11, (3, 8)))
+    assert seen == [torch.Size([3, n_head, 8, 8])]
+
+
+def test_bigram_baseline_reads_only_the_current_token():
+    model = tiny(n_layer=0).eval()
+    idx = torch.randint(0, 11, (2, 8))
+    changed = idx.clone()
+    changed[:, :7] = (idx[:, :7] + 1) % 11  # every token but the last
+    torch.testing.assert_close(model(idx)[0][:, 7], model(changed)[0][:, 7])
