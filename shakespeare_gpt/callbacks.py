@@ -1,4 +1,4 @@
-"""Callbacks the CLI attaches: writing predicted samples out, measuring training throughput."""
+"""Callbacks the CLI attaches: predicted samples, training throughput, a checkpoint on interrupt."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
 class SampleWriter(Callback):
@@ -91,3 +92,21 @@ class Throughput(Callback):
             metrics["perf/mfu"] = model_flops / (self.peak_flops * trainer.world_size)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
         self._restart()
+
+
+class SaveOnInterrupt(Callback):
+    """On Ctrl-C or SIGTERM during ``fit``, writes ``last.ckpt`` so ``fit --ckpt_path last`` resumes there.
+
+    Other errors (a NaN loss, say) write nothing: the last good checkpoint stays as it was.
+    Lightning writes checkpoints through a file transaction, so none is ever half-written.
+    """
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+            return
+        callback = trainer.checkpoint_callback
+        if callback is None or callback.dirpath is None:
+            return
+        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
+        trainer.save_checkpoint(path)
+        sys.stderr.write(f"interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last\n")

@@ -11,7 +11,7 @@ from jsonargparse import Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
-from .callbacks import SampleWriter, Throughput
+from .callbacks import SampleWriter, SaveOnInterrupt, Throughput
 from .data import ShakespeareDataModule
 from .errors import UserError
 from .lit import ShakespeareGPT
@@ -40,10 +40,18 @@ class ShakespeareCLI(LightningCLI):
         )
         parser.add_lightning_class_args(SampleWriter, "writer")
         parser.add_lightning_class_args(Throughput, "throughput")
+        parser.add_lightning_class_args(SaveOnInterrupt, "save_on_interrupt")
         # One source of truth for the context length: the model's.
         parser.link_arguments("model.block_size", "data.block_size")
         # The data decides the vocabulary; the model stores it, so a checkpoint can decode alone.
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+
+    def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
+        super().parse_arguments(parser, args)
+        subcommand = self.config.get("subcommand")
+        ckpt_path = subcommand and self.config[subcommand].get("ckpt_path")
+        if ckpt_path and ckpt_path not in ("last", "best"):
+            check_checkpoint(ckpt_path)  # before Lightning reads it, to fail with one line
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -55,6 +63,21 @@ class ShakespeareCLI(LightningCLI):
         if self.subcommand != "fit":
             # Only training writes checkpoints; elsewhere this warning about their folder is noise.
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+def check_checkpoint(path: str) -> None:
+    """Raise a one-line ``UserError`` unless ``path`` is a readable checkpoint of this project."""
+    hint = "give the path of a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt"
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist: {hint}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated or corrupt; {hint}"
+        ) from None
+    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "vocab" not in ckpt.get("hyper_parameters", {}):
+        raise UserError(f"{path} is not a shakespeare-gpt checkpoint (no weights or vocabulary in it); {hint}")
 
 
 def _log_into_last_run(config: Namespace) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import os
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -51,22 +52,42 @@ def download(url: str, dest: Path, sha256: str | None = SHA256, timeout: float =
         tmp.unlink(missing_ok=True)
 
 
-def ensure_corpus(data_dir: str | Path, url: str = URL, sha256: str | None = SHA256) -> Path:
+def ensure_corpus(
+    data_dir: str | Path, url: str = URL, sha256: str | None = SHA256, attempts: int = 3, backoff: float = 2.0
+) -> Path:
     """Return the path of a verified ``input.txt`` in ``data_dir``, downloading it if absent.
 
     ``sha256=None`` accepts whatever text is there (or at ``url``): a corpus of your own.
+    A failed connection or a timeout is retried ``attempts`` times in all, waiting ``backoff``,
+    then twice as long, between tries; a download with the wrong contents is not retried.
     """
     path = Path(data_dir) / "input.txt"
     if not path.exists():
         try:
-            download(url, path, sha256)
-        except (urllib.error.URLError, OSError) as e:
-            reason = getattr(e, "reason", e)
-            expected = f" (sha256 {sha256})" if sha256 else ""
+            path.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
             raise UserError(
-                f"could not download tiny Shakespeare from {url} ({reason}); put the file at {path}{expected} "
-                "and run again"
-            ) from e
+                f"cannot create the data folder {path.parent} ({e.strerror}): choose another --data.data_dir"
+            ) from None
+        if not os.access(path.parent, os.W_OK):
+            raise UserError(
+                f"cannot write to the data folder {path.parent}: choose a writable --data.data_dir, "
+                "or put input.txt there yourself"
+            )
+        for attempt in range(attempts):
+            try:
+                download(url, path, sha256)
+                break
+            except (urllib.error.URLError, OSError) as e:
+                if attempt + 1 < attempts:
+                    time.sleep(backoff * 2**attempt)
+                    continue
+                reason = getattr(e, "reason", e)
+                expected = f" (sha256 {sha256})" if sha256 else ""
+                raise UserError(
+                    f"could not download tiny Shakespeare from {url} after {attempts} tries ({reason}); "
+                    f"put the file at {path}{expected} and run again"
+                ) from e
     if sha256 is not None and (got_sha := sha256_of(path)) != sha256:
         raise UserError(
             f"{path} does not have the expected contents (sha256 {got_sha}, expected {sha256}): "

@@ -102,6 +102,9 @@ class ShakespeareGPT(L.LightningModule):
         self.val_loss = MeanMetric()
         self.train_eval_loss = MeanMetric()  # used when the data module adds a train-split pass
         self._compiled_forward = None
+        # First step whose loss was NaN or infinite (-1: none). Kept on the device and read only at
+        # log steps and validations, so a GPU is never made to wait for it at every step.
+        self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
 
     def configure_model(self) -> None:
         if self.hparams.compile and self._compiled_forward is None:
@@ -116,8 +119,22 @@ class ShakespeareGPT(L.LightningModule):
 
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         loss = self._loss(batch)
+        bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
+        self.first_bad_step.copy_(torch.where(bad, self.global_step, self.first_bad_step))
         self.log("train/loss", loss, prog_bar=True)
         return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            self._stop_if_non_finite()
+
+    def _stop_if_non_finite(self) -> None:
+        step = int(self.first_bad_step)
+        if step >= 0:
+            raise UserError(
+                f"the training loss became NaN or infinite at step {step}: training stopped before "
+                "writing another checkpoint; lower --model.learning_rate and resume from the last good one"
+            )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
         self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
@@ -128,6 +145,8 @@ class ShakespeareGPT(L.LightningModule):
         metric.update(self._loss(batch), weight=(batch[1] != -1).sum())
 
     def on_validation_epoch_end(self) -> None:
+        if self.trainer.training:
+            self._stop_if_non_finite()  # before the checkpoint callbacks save these weights
         loss = self.val_loss.compute()  # averaged over every process
         self.val_loss.reset()
         metrics = {"val/loss": loss, "val/bpc": loss / math.log(2)}

@@ -75,7 +75,12 @@ def test_smoke_study_writes_the_report(smoke_study, tmp_path, capsys):
     # Each run logged to TensorBoard with its hyperparameters, under one study folder.
     runs = sorted((tmp_path / "logs" / "smoke").glob("*/*/result.json"))
     assert [p.parent.parent.name for p in runs] == ["baseline", "post_norm"]
-    assert all(list(p.parent.glob("events.out.tfevents.*")) for p in runs)
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    for p in runs:
+        events = EventAccumulator(str(p.parent)).Reload()
+        assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams tab
+        assert "hp/best_val_loss" in events.Tags()["scalars"]
 
 
 def test_resumed_study_skips_finished_runs(smoke_study, tmp_path, capsys):

@@ -134,3 +134,22 @@ def test_shipped_configs_parse_and_build_their_model(config, corpus_dir, tmp_pat
     with pytest.raises(SystemExit) as exc:
         cli_main(args)
     assert exc.value.code == 0
+
+
+@pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "foreign"])
+def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    good = (trained / "checkpoints" / "last.ckpt").read_bytes()
+    bad = tmp_path / "bad.ckpt"
+    if damage == "truncated":
+        bad.write_bytes(good[: len(good) // 2])
+    elif damage == "garbage":
+        bad.write_bytes(b"\x00not a checkpoint" * 100)
+    elif damage == "foreign":
+        torch.save({"weights": torch.zeros(3)}, bad)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["predict", f"--ckpt_path={bad}", "--data.prompt=a"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: {'checkpoint ' if damage != 'foreign' else ''}{bad}")
+    assert "Traceback" not in err[0]

@@ -1,4 +1,5 @@
 import hashlib
+import os
 from pathlib import Path
 
 import pytest
@@ -52,7 +53,30 @@ def test_ensure_corpus_downloads_once_then_uses_the_file_offline(serve, closed_p
 
 
 def test_no_file_and_no_network_says_where_to_put_it(closed_port_url, tmp_path):
-    with pytest.raises(UserError, match=f"put the file at {tmp_path / 'input.txt'}"):
+    with pytest.raises(UserError, match=f"after 3 tries .* put the file at {tmp_path / 'input.txt'}"):
+        ensure_corpus(tmp_path, closed_port_url, backoff=0)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_transient_failures_are_retried(serve, tmp_path):
+    payload = TINY_TEXT.encode()
+    url = serve(payload, fail_first=2)  # two 503 answers, then the file
+    path = ensure_corpus(tmp_path, url, sha(payload), attempts=3, backoff=0)
+    assert path.read_bytes() == payload
+
+
+def test_data_dir_that_cannot_be_created_is_named(tmp_path, closed_port_url):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(
+        UserError,
+        match=r"cannot create the data folder .*a_file/data \(Not a directory\): choose another --data.data_dir",
+    ):
+        ensure_corpus(tmp_path / "a_file" / "data", closed_port_url)
+
+
+def test_read_only_data_dir_is_named(tmp_path, closed_port_url, monkeypatch):
+    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root, chmod alone cannot show it
+    with pytest.raises(UserError, match=f"cannot write to the data folder {tmp_path}"):
         ensure_corpus(tmp_path, closed_port_url)
 
 
