@@ -10,6 +10,7 @@ interrupted study resumes where it stopped. The report is written at the end (se
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import multiprocessing
 import os
@@ -101,26 +102,52 @@ def fit_args(study: Study, run: Run, study_dir: Path) -> list[str]:
     ]
 
 
+def settings(study: Study, run: Run, study_dir: Path) -> str:
+    """Fingerprint of what a run computes: its command line and the contents of its config files."""
+    digest = hashlib.sha256("\0".join(fit_args(study, run, study_dir)).encode())
+    for config in [study.base, *study.variants[run.variant]]:
+        digest.update(config.read_bytes())
+    return digest.hexdigest()
+
+
+def finished(study: Study, run: Run, study_dir: Path) -> bool:
+    """Whether ``run`` has a result computed with the study's current settings."""
+    path = run.folder(study_dir) / "result.json"
+    if not path.exists():
+        return False
+    recorded = json.loads(path.read_text()).get("settings")
+    # Results written before fingerprints were recorded (none in a fresh study) are trusted.
+    return recorded is None or recorded == settings(study, run, study_dir)
+
+
 def execute(study: Study, run: Run, study_dir: Path) -> dict:
     """Fit one point and write its ``result.json``; runs in a worker process."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     from .cli import cli_main
 
-    warnings.filterwarnings("ignore")
     folder = run.folder(study_dir)
     if folder.exists():
         shutil.rmtree(folder)  # a run interrupted earlier: start it over
     start = time.perf_counter()
-    cli = cli_main(fit_args(study, run, study_dir))
+    try:
+        cli = cli_main(fit_args(study, run, study_dir))
+        diverged = False
+    except SystemExit:
+        # The CLI has printed why (a NaN loss, say); the run is reported from its validations so far.
+        cli, diverged = None, True
     events = EventAccumulator(str(folder), size_guidance={"scalars": 0}).Reload()
+    if "val/loss" not in events.Tags()["scalars"]:
+        raise RuntimeError(f"run {folder} stopped before its first validation")
     val = [e.value for e in events.Scalars("val/loss")]
     train = [e.value for e in events.Scalars("train_eval/loss")]
     result = {
         "variant": run.variant,
         "lr": run.lr,
         "seed": run.seed,
-        "steps": cli.trainer.global_step,
+        "settings": settings(study, run, study_dir),
+        "diverged": diverged,
+        "steps": cli.trainer.global_step if cli else events.Scalars("val/loss")[-1].step + 1,
         "best_val_loss": min(val),
         "final_val_loss": val[-1],
         "best_train_loss": min(train),
@@ -128,11 +155,12 @@ def execute(study: Study, run: Run, study_dir: Path) -> dict:
         "final_gap": val[-1] - train[-1],
         "seconds": time.perf_counter() - start,
     }
-    switches = {k: v for k, v in cli.model.hparams.items() if k not in ("vocab", "learning_rate")}
-    hparams = {"variant": run.variant, "lr": run.lr, "seed": run.seed, **switches}
-    metrics = {f"hp/{k}": result[k] for k in ("best_val_loss", "final_val_loss", "final_train_loss", "final_gap")}
-    cli.trainer.logger.log_hyperparams(hparams, metrics)
-    cli.trainer.logger.finalize("success")
+    if cli is not None:
+        switches = {k: v for k, v in cli.model.hparams.items() if k not in ("vocab", "learning_rate")}
+        hparams = {"variant": run.variant, "lr": run.lr, "seed": run.seed, **switches}
+        names = ("best_val_loss", "final_val_loss", "final_train_loss", "final_gap")
+        cli.trainer.logger.log_hyperparams(hparams, {f"hp/{k}": result[k] for k in names})
+        cli.trainer.logger.finalize("success")
     tmp = folder / "result.json.part"
     tmp.write_text(json.dumps(result, indent=2) + "\n")
     os.replace(tmp, folder / "result.json")
@@ -147,6 +175,7 @@ def _init_worker(threads: int) -> None:
     torch.set_num_threads(threads)
     for name in ("lightning.pytorch", "lightning.fabric"):  # keep the progress lines readable
         logging.getLogger(name).setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore")
 
 
 def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
@@ -155,7 +184,9 @@ def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
         for run in todo:
             try:
                 yield run, execute(study, run, study_dir)
-            except Exception as e:
+            except KeyboardInterrupt:
+                raise
+            except BaseException as e:
                 yield run, e
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
@@ -169,14 +200,14 @@ def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
 
 def run_study(study: Study, study_dir: Path, jobs: int) -> list[dict]:
     """Run every point that has no ``result.json`` yet, ``jobs`` at a time; return all results."""
-    todo = [r for r in study.runs() if not (r.folder(study_dir) / "result.json").exists()]
+    todo = [r for r in study.runs() if not finished(study, r, study_dir)]
     total, done = len(study.runs()), len(study.runs()) - len(todo)
     print(f"{study.name}: {total} runs, {done} already finished, {len(todo)} to go, {jobs} at a time", flush=True)
     failures = []
     start = time.perf_counter()
     for i, (run, outcome) in enumerate(_outcomes(study, todo, study_dir, jobs), 1):
         label = f"{run.variant} lr={run.lr:g} seed={run.seed}"
-        if isinstance(outcome, Exception):  # one broken point must not stop the study
+        if isinstance(outcome, BaseException):  # one broken point must not stop the study
             failures.append(run)
             print(f"[{done + i}/{total}] {label}: FAILED: {type(outcome).__name__}: {outcome}", flush=True)
             continue
@@ -205,7 +236,8 @@ def main(argv: list[str] | None = None) -> None:
         study = Study.load(opts.study)
         study_dir = Path(opts.logs) / study.name
         if opts.report_only:
-            results = [json.loads(p.read_text()) for p in sorted(study_dir.glob("*/*/result.json"))]
+            runs = [r for r in study.runs() if finished(study, r, study_dir)]
+            results = [json.loads((r.folder(study_dir) / "result.json").read_text()) for r in runs]
         else:
             results = run_study(study, study_dir, opts.jobs)
         out = write_report(study, results, Path(opts.report or f"reports/{study.name}"))

@@ -10,6 +10,7 @@ from pathlib import Path
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 
@@ -102,7 +103,8 @@ class SaveOnInterrupt(Callback):
     """
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not trainer.training:
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking  # validations too
+        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not fitting:
             return
         callback = trainer.checkpoint_callback
         if callback is None or callback.dirpath is None:

@@ -8,6 +8,7 @@ from typing import Literal
 import lightning as L
 import torch
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.trainer.states import TrainerFn
 from torchmetrics import MeanMetric
 
 from .data import CharTokenizer
@@ -41,7 +42,7 @@ class ShakespeareGPT(L.LightningModule):
         min_lr: learning rate at the end of the cosine decay.
         warmup_steps: linear warmup from 0 over this many steps.
         decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
-        weight_decay: AdamW weight decay, applied to matrices only (not biases, norms or positions' gains).
+        weight_decay: AdamW weight decay, applied to matrices only (weights and embeddings; not biases or norm gains).
         beta1: AdamW beta1.
         beta2: AdamW beta2.
         sample_tokens: characters of sample text logged to TensorBoard at each validation (0: none).
@@ -145,7 +146,7 @@ class ShakespeareGPT(L.LightningModule):
         metric.update(self._loss(batch), weight=(batch[1] != -1).sum())
 
     def on_validation_epoch_end(self) -> None:
-        if self.trainer.training:
+        if self.trainer.state.fn == TrainerFn.FITTING:
             self._stop_if_non_finite()  # before the checkpoint callbacks save these weights
         loss = self.val_loss.compute()  # averaged over every process
         self.val_loss.reset()

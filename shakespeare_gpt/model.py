@@ -254,6 +254,8 @@ class GPT(nn.Module):
             cache: from ``new_cache()``; ``idx`` then continues the tokens the cache has seen.
         """
         B, T = idx.shape
+        if cache is not None and len(cache) != len(self.blocks):
+            raise ValueError(f"cache has {len(cache)} layers, the model {len(self.blocks)}: use new_cache()")
         start = cache[0].length if cache else 0
         if start + T > self.config.block_size:
             raise ValueError(f"sequence length {start + T} exceeds block_size={self.config.block_size}")

@@ -65,6 +65,7 @@ def generate(
     was_training = model.training
     model.eval()
     cache, cache_start = None, None
+    use_cache = use_cache and len(model.blocks) > 0  # a model without blocks has nothing to cache
     try:
         for _ in range(max_new_tokens):
             start = window_start(idx.size(1), model.config.block_size)

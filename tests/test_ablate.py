@@ -94,6 +94,21 @@ def test_resumed_study_skips_finished_runs(smoke_study, tmp_path, capsys):
     assert results[1].stat().st_mtime_ns == stamps[results[1]]  # the finished run was not run again
 
 
+def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, capsys):
+    run(smoke_study, tmp_path, capsys)
+    variant = tmp_path / "post_norm_copy.yaml"
+    variant.write_text("model:\n  norm: post\n")
+    study = yaml.safe_load(smoke_study.read_text())
+    study["variants"]["post_norm"] = [str(variant)]
+    smoke_study.write_text(yaml.safe_dump(study))
+    out = run(smoke_study, tmp_path, capsys)
+    assert "2 runs, 1 already finished, 1 to go" in out  # same contents but another file: new command line
+    variant.write_text("model:\n  norm: post\n  dropout: 0.1\n")
+    out = run(smoke_study, tmp_path, capsys)
+    assert "2 runs, 1 already finished, 1 to go" in out  # the file's contents changed
+    assert "post_norm lr=0.001 seed=0" in out
+
+
 def test_study_naming_a_missing_config_is_refused(tmp_path):
     (tmp_path / "study.yaml").write_text(
         yaml.safe_dump({"name": "s", "base": "nope.yaml", "variants": {}, "learning_rates": [1e-3], "seeds": [0]})
@@ -110,6 +125,7 @@ def results(variant: str, lr: float, losses: list[float], gap: float = 0.05) -> 
             "seed": s,
             "best_val_loss": v,
             "final_val_loss": v,
+            "best_train_loss": v - gap,
             "final_train_loss": v - gap,
             "final_gap": gap,
             "steps": 10,
@@ -131,6 +147,18 @@ def test_verdicts_follow_the_stated_noise_rule():
     assert by_number[4].verdict == "inconclusive"
     assert by_number[8].verdict == "contradicted"
     assert by_number[1].verdict == "not run"
+
+
+def test_dropout_effect_that_flips_sign_with_lr_contradicts_observation_1():
+    data = []
+    for lr, with_dropout, without in [(1e-3, 2.00, 2.10), (1e-2, 2.10, 2.00)]:
+        data += results("baseline", lr, [with_dropout, with_dropout + 0.001])
+        data += results("no_dropout", lr, [without, without + 0.001])
+    by_number = {v.number: v for v in verdicts(aggregate(data))}
+    assert by_number[1].verdict == "contradicted"
+    same_sign = [r for r in data if not (r["variant"] == "no_dropout" and r["lr"] == 1e-2)]
+    same_sign += results("no_dropout", 1e-2, [2.20, 2.201])
+    assert {v.number: v for v in verdicts(aggregate(same_sign))}[1].verdict == "supported"
 
 
 def test_lr_sensitivity_and_gap_verdicts():

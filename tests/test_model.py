@@ -158,10 +158,11 @@ def test_sampling_is_reproducible_with_a_seed_and_restores_training_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("n_layer", [2, 0])
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 13])
-def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len):
-    model = tiny(attention=attention)
+def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len, n_layer):
+    model = tiny(attention=attention, n_layer=n_layer)
     idx = torch.randint(0, 11, (2, prompt_len))
     # 40 new tokens with block_size 8: the window moves many times, and the cache is rebuilt each time.
     cached = generate(model, idx, 40, top_k=1, use_cache=True)

@@ -62,8 +62,9 @@ def test_interrupted_fit_saves_last_checkpoint_and_resumes(how, corpus_dir, tmp_
     assert last_step(run) == 6
 
 
+@pytest.mark.parametrize("log_every", [1, 50], ids=["caught-at-a-log-step", "caught-at-validation"])
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
-    corpus_dir, tmp_path, monkeypatch, capsys
+    log_every, corpus_dir, tmp_path, monkeypatch, capsys
 ):
     from shakespeare_gpt.lit import ShakespeareGPT
 
@@ -76,7 +77,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(ShakespeareGPT, "_loss", loss_goes_nan_at_step_3)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        cli_main(fit_args(corpus_dir, 8))
+        cli_main([*fit_args(corpus_dir, 8), f"--trainer.log_every_n_steps={log_every}"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: the training loss became NaN or infinite at step 3:")
