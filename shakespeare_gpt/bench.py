@@ -9,7 +9,8 @@ Measures, for the model and data of a config:
   included) and the best val loss it reached;
 - generate: tokens/s of batch-1 sampling with and without the KV cache.
 
-Step times are medians of the per-step intervals after warm-up steps, over ``--repeats`` runs.
+A step time is the wall time of ``--steps`` steps after ``--warmup`` untimed ones, divided by the
+number of steps, with the GPU synchronised at both ends; the figures are medians over ``--repeats``.
 Everything is printed as a table and written to JSON. Extra arguments go to the CLI's parser,
 e.g. ``--trainer.accelerator cpu`` or ``--model.compile true``.
 """
@@ -22,6 +23,7 @@ import platform
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import warnings
 from contextlib import nullcontext
@@ -37,13 +39,21 @@ from .sampling import generate
 
 
 class StepTimer(Callback):
-    """Records the wall-clock time at the end of every training step."""
+    """Times training steps ``warmup + 1 .. warmup + steps``, synchronising the GPU at both ends."""
 
-    def __init__(self) -> None:
-        self.stamps: list[float] = []
+    def __init__(self, warmup: int, steps: int) -> None:
+        self.warmup, self.steps = warmup, steps
+        self.start = self.end = 0.0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        self.stamps.append(time.perf_counter())
+        if trainer.global_step in (self.warmup, self.warmup + self.steps):
+            _sync(pl_module.device)
+            now = time.perf_counter()
+            self.start, self.end = (now, self.end) if trainer.global_step == self.warmup else (self.start, now)
+
+    @property
+    def step_seconds(self) -> float:
+        return (self.end - self.start) / self.steps
 
 
 def _sync(device: torch.device) -> None:
@@ -51,14 +61,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def _median_interval(stamps: list[float], warmup: int) -> float:
-    return statistics.median(b - a for a, b in zip(stamps[warmup:], stamps[warmup + 1 :], strict=False))
-
-
 def build(config: str, extra: list[str], max_steps: int):
     """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
     args = [
         f"--config={config}",
+        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='bench_')}",  # where fit saves its config.yaml
         *extra,
         f"--trainer.max_steps={max_steps}",
         "--trainer.limit_val_batches=0",
@@ -73,10 +80,10 @@ def build(config: str, extra: list[str], max_steps: int):
 
 def time_lightning(config: str, extra: list[str], steps: int, warmup: int) -> float:
     cli = build(config, extra, warmup + steps)
-    timer = StepTimer()
+    timer = StepTimer(warmup, steps)
     cli.trainer.callbacks.append(timer)
     cli.trainer.fit(cli.model, cli.datamodule)
-    return _median_interval(timer.stamps, warmup)
+    return timer.step_seconds
 
 
 def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[float, float]:
@@ -95,9 +102,12 @@ def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[f
     bf16 = "bf16" in str(trainer.precision)
     autocast = torch.autocast(device.type, dtype=torch.bfloat16) if bf16 else nullcontext()
     module.train()
-    stamps, fetches = [], []
+    fetches = []
     batches = iter(dm.train_dataloader())
-    for _ in range(warmup + steps):
+    for step in range(warmup + steps):
+        if step == warmup:
+            _sync(device)
+            start = time.perf_counter()
         t = time.perf_counter()
         x, y = next(batches)
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
@@ -108,9 +118,8 @@ def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[f
         loss.backward()
         opt.step()
         sched.step()
-        stamps.append(time.perf_counter())
     _sync(device)
-    return _median_interval(stamps, warmup), statistics.median(fetches[warmup:])
+    return (time.perf_counter() - start) / steps, statistics.median(fetches[warmup:])
 
 
 def time_fit(config: str, extra: list[str]) -> dict:
@@ -169,6 +178,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="timed training steps per repeat")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--fit-repeats", type=int, default=1, help="whole fit runs (each a fresh process)")
     parser.add_argument("--gen-tokens", type=int, default=1000)
     parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
     opts, extra = parser.parse_known_args(argv)
@@ -198,7 +208,14 @@ def main(argv: list[str] | None = None) -> dict:
             "batch_fetch_share_of_step": fetch / step_b,
         }
     if "fit" in sections:
-        result["fit"] = time_fit(opts.config, extra)
+        fits = [time_fit(opts.config, extra) for _ in range(opts.fit_repeats)]
+        result["fit"] = {
+            "wall_s": statistics.median(f["wall_s"] for f in fits),
+            "wall_s_each": [f["wall_s"] for f in fits],
+            "best_val_loss": fits[0]["best_val_loss"],
+            "best_val_loss_each": [f["best_val_loss"] for f in fits],
+            "log_dirs": [f["log_dir"] for f in fits],
+        }
     if "generate" in sections:
         result["generate"] = time_generate(opts.config, extra, opts.gen_tokens, opts.repeats)
 
@@ -228,7 +245,8 @@ def table(result: dict) -> str:
             ("batch fetch", f"{t['batch_fetch_ms']:.3f} ms ({100 * t['batch_fetch_share_of_step']:.2f}% of a step)"),
         ]
     if f := result.get("fit"):
-        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s, best val loss {f['best_val_loss']:.4f}")]
+        each = ", ".join(f"{w:.1f}" for w in f["wall_s_each"])
+        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s (median of {each}), best val loss {f['best_val_loss']:.4f}")]
     if g := result.get("generate"):
         rows += [
             ("generate, KV cache", f"{g['cached']:,.1f} tok/s"),

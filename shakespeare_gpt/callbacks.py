@@ -12,6 +12,7 @@ from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 
 class SampleWriter(Callback):
@@ -67,7 +68,10 @@ class Throughput(Callback):
     def setup(self, trainer, pl_module, stage: str) -> None:
         if self.peak_flops is None:
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+            device = trainer.strategy.root_device
+            self.peak_flops = get_available_flops(device, dtype)
+            if self.peak_flops is None:
+                rank_zero_warn(f"peak FLOP/s of {device} unknown: set --throughput.peak_flops to log perf/mfu")
 
     def _restart(self) -> None:
         self._t0, self._tokens = time.perf_counter(), 0

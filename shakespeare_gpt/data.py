@@ -79,13 +79,15 @@ def ensure_corpus(
                 download(url, path, sha256)
                 break
             except (urllib.error.URLError, OSError) as e:
-                if attempt + 1 < attempts:
+                permanent = isinstance(e, urllib.error.HTTPError) and e.code < 500  # 404 will not heal
+                if attempt + 1 < attempts and not permanent:
                     time.sleep(backoff * 2**attempt)
                     continue
                 reason = getattr(e, "reason", e)
                 expected = f" (sha256 {sha256})" if sha256 else ""
+                tries = f"after {attempt + 1} tries" if attempt else "at the first try"
                 raise UserError(
-                    f"could not download tiny Shakespeare from {url} after {attempts} tries ({reason}); "
+                    f"could not download tiny Shakespeare from {url} {tries} ({reason}); "
                     f"put the file at {path}{expected} and run again"
                 ) from e
     if sha256 is not None and (got_sha := sha256_of(path)) != sha256:
@@ -147,7 +149,9 @@ class TrainWindows(Dataset):
         return len(self.data) - len(self.offsets) + 1
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.tensor(indices, device=self.data.device)
+        starts = torch.tensor(indices)
+        if self.data.is_cuda:  # from pinned memory the copy does not wait for the GPU to catch up
+            starts = starts.pin_memory().to(self.data.device, non_blocking=True)
         chunk = self.data[starts[:, None] + self.offsets]  # (B, T + 1)
         return chunk[:, :-1], chunk[:, 1:]
 

@@ -138,7 +138,8 @@ class ShakespeareGPT(L.LightningModule):
             )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
-        self.log("train/lr", self.trainer.optimizers[0].param_groups[0]["lr"])
+        # A CPU tensor: a float would be copied to the GPU, and waited for, at every step.
+        self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         metric = self.val_loss if dataloader_idx == 0 else self.train_eval_loss

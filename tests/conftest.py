@@ -41,18 +41,18 @@ def corpus_dir(tmp_path: Path) -> Path:
 def serve() -> Iterator:
     """``serve(payload, fail_first=0) -> url`` of a loopback HTTP server answering GETs with ``payload``.
 
-    The first ``fail_first`` requests get a 503 instead, like a server having a bad moment.
+    The first ``fail_first`` requests get ``status`` (503: a server having a bad moment) instead.
     """
     servers = []
 
-    def start(payload: bytes, fail_first: int = 0) -> str:
+    def start(payload: bytes, fail_first: int = 0, status: int = 503) -> str:
         failures = [fail_first]
 
         class Handler(BaseHTTPRequestHandler):
             def do_GET(self) -> None:
                 if failures[0] > 0:
                     failures[0] -= 1
-                    self.send_error(503)
+                    self.send_error(status)
                     return
                 self.send_response(200)
                 self.send_header("Content-Length", str(len(payload)))

@@ -58,6 +58,12 @@ def test_no_file_and_no_network_says_where_to_put_it(closed_port_url, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_missing_file_on_the_server_is_not_retried(serve, tmp_path):
+    url = serve(b"", fail_first=1, status=404)
+    with pytest.raises(UserError, match="at the first try"):
+        ensure_corpus(tmp_path, url, backoff=60)  # a retry would wait a minute
+
+
 def test_transient_failures_are_retried(serve, tmp_path):
     payload = TINY_TEXT.encode()
     url = serve(payload, fail_first=2)  # two 503 answers, then the file
