@@ -28,6 +28,24 @@ TINY_MODEL_ARGS = [
 ]
 
 
+def tiny_fit_args(corpus_dir: Path, max_steps: int = 4, *extra: str) -> list[str]:
+    """``fit`` of the tiny model on the tiny corpus: a validation every 2 steps, logs at every step, quiet."""
+    return [
+        "fit",
+        f"--data.data_dir={corpus_dir}",
+        "--data.sha256=null",
+        "--data.batch_size=4",
+        *TINY_MODEL_ARGS,
+        f"--trainer.max_steps={max_steps}",
+        "--trainer.val_check_interval=2",
+        "--trainer.log_every_n_steps=1",
+        "--trainer.accelerator=cpu",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
 @pytest.fixture
 def corpus_dir(tmp_path: Path) -> Path:
     """A data_dir holding a tiny ``input.txt`` (used with ``sha256=None``)."""

@@ -8,32 +8,16 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from shakespeare_gpt.cli import cli_main
 
-from .conftest import TINY_MODEL_ARGS
+from .conftest import tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
-
-
-def fit_args(corpus_dir: Path, max_steps: int = 4) -> list[str]:
-    return [
-        "fit",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
-        "--data.batch_size=4",
-        *TINY_MODEL_ARGS,
-        f"--trainer.max_steps={max_steps}",
-        "--trainer.val_check_interval=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--trainer.enable_model_summary=false",
-    ]
 
 
 @pytest.fixture
 def trained(corpus_dir, tmp_path, monkeypatch):
     """A fitted tiny run in tmp_path/lightning_logs/version_0."""
     monkeypatch.chdir(tmp_path)
-    cli = cli_main(fit_args(corpus_dir))
+    cli = cli_main(tiny_fit_args(corpus_dir))
     assert cli.trainer.global_step == 4
     return tmp_path / "lightning_logs" / "version_0"
 
@@ -101,7 +85,7 @@ def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatc
 
 def test_fit_resumes_from_last(trained, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main([*fit_args(corpus_dir, max_steps=6), "--ckpt_path=last"])
+    cli = cli_main([*tiny_fit_args(corpus_dir, max_steps=6), "--ckpt_path=last"])
     assert cli.trainer.global_step == 6
     assert cli.trainer.logger.log_dir == str(Path("lightning_logs") / "version_0")  # same run folder
     assert not (tmp_path / "lightning_logs" / "version_1").exists()
@@ -110,7 +94,7 @@ def test_fit_resumes_from_last(trained, corpus_dir, tmp_path, monkeypatch):
 def test_bad_model_shape_is_one_line_error(corpus_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        cli_main([*fit_args(corpus_dir), "--model.n_head=3"])
+        cli_main([*tiny_fit_args(corpus_dir), "--model.n_head=3"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (

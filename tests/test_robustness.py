@@ -11,7 +11,7 @@ from lightning.pytorch.callbacks import Callback
 
 from shakespeare_gpt.cli import cli_main
 
-from .conftest import TINY_MODEL_ARGS
+from .conftest import tiny_fit_args
 
 
 class InterruptAt(Callback):
@@ -27,22 +27,6 @@ class InterruptAt(Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
-def fit_args(corpus_dir: Path, max_steps: int, *extra: str) -> list[str]:
-    return [
-        "fit",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
-        "--data.batch_size=4",
-        *TINY_MODEL_ARGS,
-        f"--trainer.max_steps={max_steps}",
-        "--trainer.val_check_interval=2",
-        "--trainer.log_every_n_steps=1",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        *extra,
-    ]
-
-
 def last_step(run: Path) -> int:
     return torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["global_step"]
 
@@ -53,11 +37,11 @@ def test_interrupted_fit_saves_last_checkpoint_and_resumes(how, corpus_dir, tmp_
     spec = {"class_path": "tests.test_robustness.InterruptAt", "init_args": {"step": 3, "how": how}}
     callback = f"--trainer.callbacks+={json.dumps(spec)}"
     with pytest.raises(SystemExit) as exc:
-        cli_main([*fit_args(corpus_dir, 8), callback])
+        cli_main([*tiny_fit_args(corpus_dir, 8), callback])
     assert exc.value.code != 0
     run = tmp_path / "lightning_logs" / "version_0"
     assert last_step(run) == 3  # not the step-2 validation checkpoint: the moment of the interrupt
-    cli = cli_main([*fit_args(corpus_dir, 6), "--ckpt_path=last"])
+    cli = cli_main([*tiny_fit_args(corpus_dir, 6), "--ckpt_path=last"])
     assert cli.trainer.global_step == 6
     assert last_step(run) == 6
 
@@ -77,7 +61,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     monkeypatch.setattr(ShakespeareGPT, "_loss", loss_goes_nan_at_step_3)
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:
-        cli_main([*fit_args(corpus_dir, 8), f"--trainer.log_every_n_steps={log_every}"])
+        cli_main([*tiny_fit_args(corpus_dir, 8), f"--trainer.log_every_n_steps={log_every}"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: the training loss became NaN or infinite at step 3:")
