@@ -118,6 +118,9 @@ def cli_main(args: list[str] | None = None, run: bool = True) -> ShakespeareCLI:
             auto_configure_optimizers=False,
             trainer_defaults={
                 "check_val_every_n_epoch": None,
+                # The data module gives each rank its own training windows and every rank the whole
+                # val split, so the val loss is the same with any number of processes.
+                "use_distributed_sampler": False,
                 "logger": {
                     "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
                     "init_args": {"save_dir": "lightning_logs", "name": "", "default_hp_metric": False},

@@ -8,11 +8,12 @@ import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import UserError
 from .sampling import check_sampling
@@ -136,7 +137,7 @@ class TrainWindows(Dataset):
     """Every window of ``block_size + 1`` characters; item i starts at offset i.
 
     ``__getitems__`` gathers a whole batch with one indexing operation instead of a Python loop
-    per window. The DataLoader's shuffling picks the offsets at random.
+    per window; ``RandomBatches`` picks the offsets.
     """
 
     def __init__(self, data: torch.Tensor, block_size: int) -> None:
@@ -148,8 +149,8 @@ class TrainWindows(Dataset):
     def __len__(self) -> int:
         return len(self.data) - len(self.offsets) + 1
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-        starts = torch.tensor(indices)
+    def __getitems__(self, indices: torch.Tensor | list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        starts = torch.as_tensor(indices)
         if self.data.is_cuda:  # from pinned memory the copy does not wait for the GPU to catch up
             starts = starts.pin_memory().to(self.data.device, non_blocking=True)
         chunk = self.data[starts[:, None] + self.offsets]  # (B, T + 1)
@@ -158,6 +159,35 @@ class TrainWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         x, y = self.__getitems__([i])
         return x[0], y[0]
+
+
+class RandomBatches(Sampler[torch.Tensor]):
+    """Batches of random window offsets, drawn with replacement; batch k depends only on (seed, rank, k).
+
+    Counting starts at ``start()``, the trainer's step when an epoch's iterator is made. A run
+    resumed at step k therefore draws exactly the batches a run that never stopped would have
+    drawn, and each rank of a multi-process run draws its own.
+
+    Args:
+        n_offsets: number of windows to choose from.
+        batch_size: windows per batch.
+        seed: the run's seed.
+        rank: this process's rank.
+        start: returns the step of the first batch of a new iterator.
+    """
+
+    def __init__(self, n_offsets: int, batch_size: int, seed: int, rank: int, start: Callable[[], int]) -> None:
+        self.n_offsets, self.batch_size, self.seed, self.rank, self.start = n_offsets, batch_size, seed, rank, start
+
+    def __len__(self) -> int:
+        return max(1, self.n_offsets // self.batch_size)  # an "epoch": about one pass over the text
+
+    def __iter__(self) -> Iterator[torch.Tensor]:
+        first = self.start()
+        for k in range(first, first + len(self)):
+            key = hashlib.blake2b(f"{self.seed}/{self.rank}/{k}".encode(), digest_size=8).digest()
+            g = torch.Generator().manual_seed(int.from_bytes(key, "little") >> 1)
+            yield torch.randint(self.n_offsets, (self.batch_size,), generator=g)
 
 
 class ValWindows(Dataset):
@@ -285,11 +315,18 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.train_data, self.val_data = data[:n], data[n:]
 
     def train_dataloader(self) -> DataLoader:
+        windows = TrainWindows(self.train_data, self.block_size)
+        trainer = self.trainer
+        batches = RandomBatches(
+            len(windows),
+            self.batch_size,
+            seed=torch.initial_seed(),  # the run's seed: the CLI's seed_everything sets it
+            rank=trainer.global_rank if trainer else 0,
+            start=lambda: trainer.global_step if trainer else 0,
+        )
         return DataLoader(
-            TrainWindows(self.train_data, self.block_size),
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
+            windows,
+            batch_sampler=batches,
             collate_fn=_batch_as_is,
             num_workers=0 if self.on_device else self.num_workers,
             persistent_workers=self.num_workers > 0 and not self.on_device,

@@ -103,6 +103,7 @@ class ShakespeareGPT(L.LightningModule):
         self.val_loss = MeanMetric()
         self.train_eval_loss = MeanMetric()  # used when the data module adds a train-split pass
         self._compiled_forward = None
+        self._rng_to_restore: dict | None = None  # random state of a checkpoint being resumed
         # First step whose loss was NaN or infinite (-1: none). Kept on the device and read only at
         # log steps and validations, so a GPU is never made to wait for it at every step.
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
@@ -138,6 +139,11 @@ class ShakespeareGPT(L.LightningModule):
             )
 
     def on_train_batch_start(self, batch, batch_idx: int) -> None:
+        if states := self._rng_to_restore:
+            torch.set_rng_state(states["torch"])
+            if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
+                torch.cuda.set_rng_state_all(states["cuda"])
+            self._rng_to_restore = None
         # A CPU tensor: a float would be copied to the GPU, and waited for, at every step.
         self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
 
@@ -193,7 +199,16 @@ class ShakespeareGPT(L.LightningModule):
         """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled characters."""
         return generate(self.model, idx, max_new_tokens, temperature, top_k, generator)
 
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        # Dropout's random state, so a resumed run continues exactly as an uninterrupted one.
+        checkpoint["rng_states"] = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            checkpoint["rng_states"]["cuda"] = torch.cuda.get_rng_state_all()
+
     def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Applied at the first training step, not now: creating data loaders draws from the same
+        # generator, and an uninterrupted run did not create them at this point.
+        self._rng_to_restore = checkpoint.get("rng_states")
         # Checkpoints of networks wrapped by ``torch.compile(model)`` name parameters
         # ``model._orig_mod.<name>``; strip that so they load into this (eager or compiled) model.
         state = checkpoint["state_dict"]

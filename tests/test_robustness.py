@@ -69,3 +69,32 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
     assert last_step(run) == 2  # written by the step-2 validation, before the loss broke
     state = torch.load(run / "checkpoints" / "last.ckpt", weights_only=True)["state_dict"]
     assert all(torch.isfinite(v).all() for v in state.values())
+
+
+def test_resumed_run_matches_an_uninterrupted_one_exactly(corpus_dir, tmp_path, monkeypatch):
+    """Data order and dropout's random state are part of the checkpoint: N + N steps == 2N steps."""
+    dropout = "--model.dropout=0.2"  # so the random state matters, not only the data order
+    (tmp_path / "straight").mkdir()
+    monkeypatch.chdir(tmp_path / "straight")
+    straight = cli_main([*tiny_fit_args(corpus_dir, 8), dropout])
+    (tmp_path / "resumed").mkdir()
+    monkeypatch.chdir(tmp_path / "resumed")
+    cli_main([*tiny_fit_args(corpus_dir, 4), dropout])
+    resumed = cli_main([*tiny_fit_args(corpus_dir, 8), dropout, "--ckpt_path=last"])
+    assert resumed.trainer.global_step == straight.trainer.global_step == 8
+    a, b = straight.trainer.callback_metrics, resumed.trainer.callback_metrics
+    assert a["val/loss"].item() == b["val/loss"].item()
+    for (name, p), q in zip(straight.model.state_dict().items(), resumed.model.state_dict().values(), strict=True):
+        assert torch.equal(p, q), name
+
+
+def test_ranks_draw_different_windows_and_resume_where_they_stopped():
+    from shakespeare_gpt.data import RandomBatches
+
+    step = [0]
+    rank0 = RandomBatches(1000, 8, seed=1, rank=0, start=lambda: step[0])
+    rank1 = RandomBatches(1000, 8, seed=1, rank=1, start=lambda: step[0])
+    a, b = list(rank0), list(rank1)
+    assert not any(torch.equal(x, y) for x, y in zip(a, b, strict=True))
+    step[0] = 40  # a run resumed at step 40 continues with the 41st batch
+    assert torch.equal(next(iter(rank0)), a[40])
