@@ -137,3 +137,18 @@ def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {'checkpoint ' if damage != 'foreign' else ''}{bad}")
     assert "Traceback" not in err[0]
+
+
+def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(trained, tmp_path, monkeypatch, capsys):
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "input.txt").write_text("Zounds! 42 quoth he.\n" * 300)
+    monkeypatch.chdir(tmp_path)
+    ckpt = trained / "checkpoints" / "last.ckpt"
+    args = ["validate", f"--ckpt_path={ckpt}", f"--data.data_dir={other}", "--data.sha256=null"]
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*args, "--trainer.logger=false"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: {other}/input.txt does not fit the checkpoint: characters not in the model's")
+    assert "'!24Z" in err  # the offending characters, by name
