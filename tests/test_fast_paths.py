@@ -8,7 +8,7 @@ from shakespeare_gpt.cli import cli_main
 from shakespeare_gpt.lit import ShakespeareGPT
 from shakespeare_gpt.model import GPT, GPTConfig
 
-from .conftest import TINY_MODEL_ARGS
+from .conftest import TINY_MODEL_ARGS, tiny_fit_args
 
 TINY = dict(vocab="\n abcdefgh", block_size=16, n_layer=2, n_head=2, n_embd=16, dropout=0.0)
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
@@ -53,20 +53,9 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
     monkeypatch.chdir(tmp_path)
-    args = [
-        "fit",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
-        "--data.batch_size=4",
-        "--data.on_device=true",
-        *TINY_MODEL_ARGS,
-        "--trainer.max_steps=4",
-        "--trainer.val_check_interval=4",
-        "--trainer.log_every_n_steps=2",
-        "--trainer.accelerator=cpu",
-        "--trainer.enable_progress_bar=false",
-        "--throughput.peak_flops=1e11",
-    ]
+    # Later flags win: log every 2 steps, one validation at the end.
+    extra = ["--data.on_device=true", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=2"]
+    args = tiny_fit_args(corpus_dir, 4, *extra, "--throughput.peak_flops=1e11")
     cli_main(args)
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
