@@ -170,6 +170,47 @@ def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len, n_lay
     assert torch.equal(cached, uncached)
 
 
+@pytest.fixture
+def two_threads():
+    """The split matrix-vector path cuts a matrix into one slab per thread: make sure there are two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 256), (2, 1, 256)])
+def test_split_linear_computes_what_nn_linear_does(two_threads, monkeypatch, shape, bias):
+    from shakespeare_gpt import model as model_module
+
+    torch.manual_seed(0)
+    layer = model_module.Linear(256, 1024, bias=bias)
+    reference = torch.nn.Linear(256, 1024, bias=bias)
+    reference.load_state_dict(layer.state_dict())  # same parameter names
+    x = torch.randn(shape)
+    calls = []
+    for name in ("bmm", "baddbmm"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    with torch.inference_mode():
+        y = layer(x)
+    assert calls, "one row on a CPU without grad should take the split path"
+    torch.testing.assert_close(y, reference(x), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    y = layer(x)  # with grad: the plain product, so training is untouched
+    assert not calls and y.requires_grad
+
+
+def test_kv_cache_with_split_matrix_products_gives_the_same_tokens(two_threads):
+    model = tiny(n_embd=256, n_head=4, n_layer=1)  # matrices big enough for the split path
+    assert [m.split for m in model.modules() if hasattr(m, "split")] == [True, False, True, True, False]
+    idx = torch.randint(0, 11, (1, 3))
+    cached = generate(model, idx, 24, top_k=1, use_cache=True)
+    uncached = generate(model, idx, 24, top_k=1, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
 def test_kv_cache_logits_match_a_full_forward():
     model = tiny().eval()
     idx = torch.randint(0, 11, (2, 8))
