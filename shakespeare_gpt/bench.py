@@ -139,17 +139,17 @@ def time_generate(config: str, extra: list[str], tokens: int, repeats: int) -> d
     cli = build(config, extra, 1)
     model = cli.model.model.to(cli.trainer.strategy.root_device).eval()
     idx = torch.zeros(1, 1, dtype=torch.long, device=cli.trainer.strategy.root_device)
-    out = {}
-    for use_cache in (True, False):
+    rates: dict[bool, list[float]] = {True: [], False: []}
+    for use_cache in rates:
         generate(model, idx, 20, use_cache=use_cache)  # warm-up
-        rates = []
-        for r in range(repeats):
+    for r in range(repeats):  # alternated, so that a drifting machine slows both alike
+        for use_cache in rates:
             g = torch.Generator(idx.device).manual_seed(r)
             t = time.perf_counter()
             generate(model, idx, tokens, generator=g, use_cache=use_cache)
             _sync(idx.device)
-            rates.append(tokens / (time.perf_counter() - t))
-        out["cached" if use_cache else "uncached"] = statistics.median(rates)
+            rates[use_cache].append(tokens / (time.perf_counter() - t))
+    out = {"cached": statistics.median(rates[True]), "uncached": statistics.median(rates[False])}
     out["speedup"] = out["cached"] / out["uncached"]
     return out
 
@@ -187,8 +187,11 @@ def main(argv: list[str] | None = None) -> dict:
     result: dict = {"config": opts.config, "extra_args": extra, "machine": machine()}
 
     if "train" in sections:
-        lightning = [time_lightning(opts.config, extra, opts.steps, opts.warmup) for _ in range(opts.repeats)]
-        bare = [time_bare(opts.config, extra, opts.steps, opts.warmup) for _ in range(opts.repeats)]
+        # Alternated, so that a machine whose speed drifts (a shared VM) slows both paths alike.
+        lightning, bare = [], []
+        for _ in range(opts.repeats):
+            lightning.append(time_lightning(opts.config, extra, opts.steps, opts.warmup))
+            bare.append(time_bare(opts.config, extra, opts.steps, opts.warmup))
         cli = build(opts.config, extra, 1)
         tokens = cli.datamodule.batch_size * cli.model.hparams.block_size
         flops = cli.model.model.flops_per_token() * tokens

@@ -165,7 +165,8 @@ class CausalSelfAttention(nn.Module):
             att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, start + T)
             if mask is not None:
                 att = att.masked_fill(~mask, float("-inf"))
-            att = F.softmax(att, dim=-1)
+            # In float32 even under bf16 autocast (where softmax would stay in bf16), as fused kernels do.
+            att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
             # A forward hook on attn_dropout sees these weights, for whoever wants to plot them.
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side

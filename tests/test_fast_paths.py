@@ -62,6 +62,32 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
 
 
+def test_explicit_and_sdpa_attention_agree_under_cpu_bf16_autocast():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, attention="explicit")).eval()
+    idx = torch.randint(0, 65, (2, 32))
+    reference, _ = model(idx)  # fp32
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        explicit, _ = model(idx)
+        for block in model.blocks:
+            block.attn.attention = "sdpa"
+        fused, _ = model(idx)
+    assert explicit.dtype == torch.bfloat16
+    # bf16 keeps 8 bits of mantissa: both paths land within its rounding of the fp32 logits.
+    torch.testing.assert_close(explicit.float(), reference, atol=0.05, rtol=0.05)
+    torch.testing.assert_close(explicit.float(), fused.float(), atol=0.05, rtol=0.05)
+
+
+def test_cpu_recipe_precision_and_attention_train_with_fp32_weights(corpus_dir, tmp_path, monkeypatch):
+    """configs/cpu.yaml trains in bf16-mixed with explicit attention: the weights stay fp32."""
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 4, "--trainer.precision=bf16-mixed", "--model.attention=explicit"))
+    ckpt = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert all(v.dtype == torch.float32 for k, v in ckpt["state_dict"].items() if v.is_floating_point())
+    val = [v for k, v in ckpt["callbacks"].items() if k.startswith("ModelCheckpoint")][0]["best_model_score"]
+    assert torch.isfinite(val)
+
+
 @pytest.mark.slow
 def test_compiled_fit_then_eager_predict(corpus_dir, tmp_path, monkeypatch, capsys):
     """torch.compile on CPU takes tens of seconds: run with `pytest -m slow`."""
