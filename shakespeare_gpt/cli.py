@@ -60,9 +60,18 @@ class ShakespeareCLI(LightningCLI):
             config.data.vocab = config.model.vocab
         if self.subcommand == "fit" and config.ckpt_path == "last":
             _log_into_last_run(config)
+        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+            # --trainer.enable_progress_bar false wins over a config's bar settings (Lightning
+            # would refuse the combination).
+            config.trainer.callbacks = [c for c in config.trainer.callbacks if not _is_progress_bar(c)]
         if self.subcommand != "fit":
             # Only training writes checkpoints; elsewhere this warning about their folder is noise.
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
+
+
+def _is_progress_bar(callback) -> bool:
+    path = callback.get("class_path", "") if isinstance(callback, (dict, Namespace)) else type(callback).__name__
+    return str(path).endswith("ProgressBar")
 
 
 def check_checkpoint(path: str) -> None:

@@ -120,6 +120,17 @@ def test_shipped_configs_parse_and_build_their_model(config, corpus_dir, tmp_pat
     assert exc.value.code == 0
 
 
+@pytest.mark.parametrize("config", ["shakespeare_char.yaml", "cpu.yaml"])
+def test_turning_the_progress_bar_off_overrides_a_configs_bar_settings(config, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    # The tiny arguments come after the config and switch the bar off; the config sets a refresh rate.
+    cli = cli_main(
+        [f"--config={ROOT / 'configs' / config}", *tiny_fit_args(corpus_dir)[1:], "--trainer.precision=32-true"],
+        run=False,
+    )
+    assert cli.trainer.progress_bar_callback is None
+
+
 @pytest.mark.parametrize("damage", ["missing", "truncated", "garbage", "foreign"])
 def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)

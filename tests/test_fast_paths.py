@@ -60,6 +60,9 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
     assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
     assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
+    # Per-step values are handed to Lightning only at the steps it writes, and all of those are written.
+    for tag in ("train/loss", "train/lr"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 3]
 
 
 def test_explicit_and_sdpa_attention_agree_under_cpu_bf16_autocast():
