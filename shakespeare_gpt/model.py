@@ -137,7 +137,9 @@ class CausalSelfAttention(nn.Module):
         self.proj = Linear(config.n_embd, config.n_embd) if config.attn_proj else nn.Identity()
         self.attn_dropout = nn.Dropout(config.dropout)
         self.resid_dropout = nn.Dropout(config.dropout)
-        mask = torch.tril(torch.ones(config.block_size, config.block_size, dtype=torch.bool))
+        # Added to the scores: 0 where query i may see key j (j <= i), -inf above the diagonal.
+        # Adding is cheaper than masked_fill, forward and backward (its gradient passes through).
+        mask = torch.full((config.block_size, config.block_size), float("-inf")).triu(diagonal=1)
         self.register_buffer("causal_mask", mask, persistent=False)
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
@@ -152,7 +154,7 @@ class CausalSelfAttention(nn.Module):
             start = cache.length
             k, v = cache.append(k, v)  # (B, nh, start + T, hs)
         # Query i (at position start + i) may see keys 0 .. start + i. One new token sees them all.
-        mask = None if T == 1 else self.causal_mask[start : start + T, : start + T]
+        mask = None if T == 1 else self.causal_mask[start : start + T, : start + T].to(q.dtype)
         if self.attention == "sdpa":
             # Dropout inside the kernel must be switched off by hand at evaluation.
             p = self.dropout if self.training else 0.0
@@ -161,10 +163,11 @@ class CausalSelfAttention(nn.Module):
             else:  # continuing a cached context (mask is None for one new token)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
-            # Scores are scaled by 1/sqrt(head_size), not 1/sqrt(n_embd).
-            att = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(k.size(-1)))  # (B, nh, T, start + T)
+            # Scores are scaled by 1/sqrt(head_size), not 1/sqrt(n_embd); scaling q is the same
+            # product and touches fewer numbers.
+            att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, start + T)
             if mask is not None:
-                att = att.masked_fill(~mask, float("-inf"))
+                att = att + mask
             # In float32 even under bf16 autocast (where softmax would stay in bf16), as fused kernels do.
             att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
             # A forward hook on attn_dropout sees these weights, for whoever wants to plot them.
