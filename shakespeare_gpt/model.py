@@ -96,6 +96,11 @@ class Linear(nn.Linear):
         return y.reshape(self.out_features, rows).t().reshape(*x.shape[:-1], self.out_features)
 
 
+def dropout(p: float) -> nn.Module:
+    """``nn.Dropout(p)``, or a no-op module when ``p`` is 0 (cheaper in generation's many small calls)."""
+    return nn.Dropout(p) if p > 0 else nn.Identity()
+
+
 class KVCache:
     """Keys and values one attention layer has computed so far, so generation feeds one new token per step.
 
@@ -118,10 +123,10 @@ class KVCache:
         end = self.length + k.size(2)
         if end > self.max_len:
             raise ValueError(f"KV cache holds {self.max_len} positions, asked for {end}: rebuild it")
-        self.k[:, :, self.length : end] = k
-        self.v[:, :, self.length : end] = v
+        self.k.narrow(2, self.length, k.size(2)).copy_(k)
+        self.v.narrow(2, self.length, v.size(2)).copy_(v)
         self.length = end
-        return self.k[:, :, :end], self.v[:, :, :end]
+        return self.k.narrow(2, 0, end), self.v.narrow(2, 0, end)
 
 
 class CausalSelfAttention(nn.Module):
@@ -135,8 +140,8 @@ class CausalSelfAttention(nn.Module):
         # The lecture's heads have no bias on key, query and value; one matrix computes all three.
         self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = Linear(config.n_embd, config.n_embd) if config.attn_proj else nn.Identity()
-        self.attn_dropout = nn.Dropout(config.dropout)
-        self.resid_dropout = nn.Dropout(config.dropout)
+        self.attn_dropout = dropout(config.dropout)
+        self.resid_dropout = dropout(config.dropout)
         # Added to the scores: 0 where query i may see key j (j <= i), -inf above the diagonal.
         # Adding is cheaper than masked_fill, forward and backward (its gradient passes through).
         mask = torch.full((config.block_size, config.block_size), float("-inf")).triu(diagonal=1)
@@ -144,11 +149,9 @@ class CausalSelfAttention(nn.Module):
 
     def forward(self, x: torch.Tensor, cache: KVCache | None = None) -> torch.Tensor:
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)
-        # (B, T, C) -> (B, nh, T, hs)
-        q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        k = k.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
-        v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
+        # (B, T, 3C) -> q, k, v, each (B, nh, T, hs): the heads become a batch dimension.
+        qkv = self.qkv(x).view(B, T, 3, self.n_head, C // self.n_head)
+        q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)
         start = 0  # position of x's first token in the context
         if cache is not None:
             start = cache.length
@@ -184,7 +187,7 @@ class FeedForward(nn.Module):
         self.fc = Linear(config.n_embd, 4 * config.n_embd)
         self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
         self.proj = Linear(4 * config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.dropout(self.proj(self.act(self.fc(x))))
