@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import importlib
 import sys
 import warnings
 from pathlib import Path
 
 import torch
 from jsonargparse import Namespace
-from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint, ProgressBar
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 
 from .callbacks import SampleWriter, SaveOnInterrupt, Throughput
@@ -60,18 +61,28 @@ class ShakespeareCLI(LightningCLI):
             config.data.vocab = config.model.vocab
         if self.subcommand == "fit" and config.ckpt_path == "last":
             _log_into_last_run(config)
-        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+        callbacks = config.trainer.get("callbacks")
+        if config.trainer.get("enable_progress_bar") is False and callbacks:
             # --trainer.enable_progress_bar false wins over a config's bar settings (Lightning
             # would refuse the combination).
-            config.trainer.callbacks = [c for c in config.trainer.callbacks if not _is_progress_bar(c)]
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
+            config.trainer.callbacks = [c for c in callbacks if not _is_progress_bar(c)]
         if self.subcommand != "fit":
             # Only training writes checkpoints; elsewhere this warning about their folder is noise.
             warnings.filterwarnings("ignore", message="The dirpath has changed from")
 
 
 def _is_progress_bar(callback) -> bool:
-    path = callback.get("class_path", "") if isinstance(callback, (dict, Namespace)) else type(callback).__name__
-    return str(path).endswith("ProgressBar")
+    """True for a progress-bar callback, given as an object or as a ``class_path`` config entry."""
+    if not isinstance(callback, (dict, Namespace)):
+        return isinstance(callback, ProgressBar)
+    path = str(callback.get("class_path", ""))
+    module, _, name = path.rpartition(".")
+    try:
+        cls = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError, ValueError):
+        return path.endswith("ProgressBar")  # not importable here: Lightning will say so itself
+    return isinstance(cls, type) and issubclass(cls, ProgressBar)
 
 
 def check_checkpoint(path: str) -> None:

@@ -104,6 +104,7 @@ class ShakespeareGPT(L.LightningModule):
         self.train_eval_loss = MeanMetric()  # used when the data module adds a train-split pass
         self._compiled_forward = None
         self._rng_to_restore: dict | None = None  # random state of a checkpoint being resumed
+        self._step_lr = learning_rate  # the learning rate of the current training step
         # First step whose loss was NaN or infinite (-1: none). Kept on the device and read only at
         # log steps and validations, so a GPU is never made to wait for it at every step.
         self.register_buffer("first_bad_step", torch.tensor(-1), persistent=False)
@@ -123,23 +124,28 @@ class ShakespeareGPT(L.LightningModule):
         loss = self._loss(batch)
         bad = ~torch.isfinite(loss.detach()) & (self.first_bad_step < 0)
         self.first_bad_step.copy_(torch.where(bad, self.global_step, self.first_bad_step))
-        if self._writing_logs():
-            self.log("train/loss", loss, prog_bar=True)
+        # Every step: checkpoint and early-stopping callbacks may monitor it, and a run that stops
+        # between log steps writes the latest value.
+        self.log("train/loss", loss, prog_bar=True)
         return loss
 
     def _writing_logs(self) -> bool:
         """Whether Lightning writes logs after this batch (every ``log_every_n_steps``).
 
-        ``self.log`` is the largest piece of Python in a cpu.yaml step (cProfile), so per-step
-        values are only handed over when they will be written: the benchmark's framework overhead
-        went from +9.7% to +6.2% with this. It is the check Lightning's ``LearningRateMonitor`` makes.
+        ``self.log`` is the largest piece of Python in a cpu.yaml step (cProfile), so the learning
+        rate is handed over only when it will be written, the check Lightning's own
+        ``LearningRateMonitor`` makes.
         """
         connector = getattr(self.trainer, "_logger_connector", None)
-        return getattr(connector, "should_update_logs", True)
+        return bool(getattr(connector, "should_update_logs", True))
 
     def on_train_batch_end(self, outputs, batch, batch_idx: int) -> None:
-        if self.global_step % self.trainer.log_every_n_steps == 0:
+        if self._writing_logs():
             self._stop_if_non_finite()
+            # Here rather than at the batch's start: callbacks have run, so a run that was just
+            # told to stop (and writes logs now) gets this step's value.
+            # A CPU tensor: a float would be copied to the GPU, and waited for, at every step.
+            self.log("train/lr", torch.tensor(self._step_lr))
 
     def _stop_if_non_finite(self) -> None:
         step = int(self.first_bad_step)
@@ -155,9 +161,7 @@ class ShakespeareGPT(L.LightningModule):
             if "cuda" in states and torch.cuda.is_available() and len(states["cuda"]) == torch.cuda.device_count():
                 torch.cuda.set_rng_state_all(states["cuda"])
             self._rng_to_restore = None
-        if self._writing_logs():
-            # A CPU tensor: a float would be copied to the GPU, and waited for, at every step.
-            self.log("train/lr", torch.tensor(self.trainer.optimizers[0].param_groups[0]["lr"]))
+        self._step_lr = self.trainer.optimizers[0].param_groups[0]["lr"]  # the scheduler moves it before batch end
 
     def validation_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int, dataloader_idx: int = 0):
         metric = self.val_loss if dataloader_idx == 0 else self.train_eval_loss

@@ -84,11 +84,12 @@ class Linear(nn.Linear):
         self.split = in_features * out_features >= 2**17  # 512 KB in fp32
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self.split or torch.is_grad_enabled() or x.device.type != "cpu":
-            return F.linear(x, self.weight, self.bias)
         rows = x.numel() // self.in_features
+        plain = not self.split or rows > 16 or torch.is_grad_enabled() or x.device.type != "cpu"
+        if plain or torch.compiler.is_compiling():  # (compiled graphs keep the plain product)
+            return F.linear(x, self.weight, self.bias)
         slabs = math.gcd(self.out_features, torch.get_num_threads())
-        if rows > 16 or slabs == 1:
+        if slabs == 1:
             return F.linear(x, self.weight, self.bias)
         w = self.weight.reshape(slabs, self.out_features // slabs, self.in_features)
         xt = x.reshape(rows, self.in_features).t().expand(slabs, -1, -1)  # (slabs, in, rows), no copy

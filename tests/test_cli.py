@@ -120,14 +120,16 @@ def test_shipped_configs_parse_and_build_their_model(config, corpus_dir, tmp_pat
     assert exc.value.code == 0
 
 
-@pytest.mark.parametrize("config", ["shakespeare_char.yaml", "cpu.yaml"])
+@pytest.mark.parametrize("config", ["shakespeare_char.yaml", "cpu.yaml", "one callback, not a list"])
 def test_turning_the_progress_bar_off_overrides_a_configs_bar_settings(config, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
+    path = ROOT / "configs" / config
+    if not config.endswith(".yaml"):  # jsonargparse also takes a single callback
+        path = tmp_path / "bar.yaml"
+        bar = "{class_path: lightning.pytorch.callbacks.TQDMProgressBar, init_args: {refresh_rate: 5}}"
+        path.write_text(f"trainer:\n  callbacks: {bar}\n")
     # The tiny arguments come after the config and switch the bar off; the config sets a refresh rate.
-    cli = cli_main(
-        [f"--config={ROOT / 'configs' / config}", *tiny_fit_args(corpus_dir)[1:], "--trainer.precision=32-true"],
-        run=False,
-    )
+    cli = cli_main([f"--config={path}", *tiny_fit_args(corpus_dir)[1:], "--trainer.precision=32-true"], run=False)
     assert cli.trainer.progress_bar_callback is None
 
 

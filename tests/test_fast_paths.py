@@ -65,6 +65,27 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
         assert [e.step for e in events.Scalars(tag)] == [1, 3]
 
 
+def test_a_run_stopped_between_log_steps_writes_that_steps_loss_and_lr(corpus_dir, tmp_path, monkeypatch):
+    """train/lr goes to self.log only at the steps Lightning writes; a stop makes the current step one."""
+    from lightning.pytorch.callbacks import Callback
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class StopAfterStep7(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step == 7
+
+    monkeypatch.chdir(tmp_path)
+    # A 10-step warmup: the learning rate differs at every step, so a stale value would show.
+    extra = ["--trainer.log_every_n_steps=5", "--trainer.val_check_interval=100", "--model.warmup_steps=10"]
+    cli = cli_main(tiny_fit_args(corpus_dir, 12, *extra, "--model.learning_rate=1e-3")[1:], run=False)
+    cli.trainer.callbacks.append(StopAfterStep7())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    lr = [(e.step, round(e.value, 8)) for e in events.Scalars("train/lr")]
+    assert lr == [(4, 5e-4), (6, 7e-4)]  # steps 4 and 6 (0-based) ran at 5/10 and 7/10 of the peak
+    assert [e.step for e in events.Scalars("train/loss")] == [4, 6]
+
+
 def test_explicit_and_sdpa_attention_agree_under_cpu_bf16_autocast():
     torch.manual_seed(0)
     model = GPT(GPTConfig(vocab_size=65, block_size=32, n_layer=2, n_head=4, n_embd=64, attention="explicit")).eval()
