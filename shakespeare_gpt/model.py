@@ -85,16 +85,16 @@ class Linear(nn.Linear):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.numel() // self.in_features
-        plain = not self.split or rows > 16 or torch.is_grad_enabled() or x.device.type != "cpu"
-        if plain or torch.compiler.is_compiling():  # (compiled graphs keep the plain product)
-            return F.linear(x, self.weight, self.bias)
-        slabs = math.gcd(self.out_features, torch.get_num_threads())
-        if slabs == 1:
-            return F.linear(x, self.weight, self.bias)
-        w = self.weight.reshape(slabs, self.out_features // slabs, self.in_features)
-        xt = x.reshape(rows, self.in_features).t().expand(slabs, -1, -1)  # (slabs, in, rows), no copy
-        y = torch.bmm(w, xt) if self.bias is None else torch.baddbmm(self.bias.reshape(slabs, -1, 1), w, xt)
-        return y.reshape(self.out_features, rows).t().reshape(*x.shape[:-1], self.out_features)
+        few_rows_on_cpu = self.split and rows <= 16 and x.device.type == "cpu" and not torch.is_grad_enabled()
+        if few_rows_on_cpu and not torch.compiler.is_compiling():  # compiled graphs keep the plain product
+            slabs = math.gcd(self.out_features, torch.get_num_threads())
+            if slabs > 1:
+                w = self.weight.reshape(slabs, self.out_features // slabs, self.in_features)
+                xt = x.reshape(rows, self.in_features).t().expand(slabs, -1, -1)  # (slabs, in, rows), no copy
+                b = None if self.bias is None else self.bias.reshape(slabs, -1, 1)
+                y = torch.bmm(w, xt) if b is None else torch.baddbmm(b, w, xt)  # (slabs, out / slabs, rows)
+                return y.reshape(self.out_features, rows).t().reshape(*x.shape[:-1], self.out_features)
+        return F.linear(x, self.weight, self.bias)
 
 
 def dropout(p: float) -> nn.Module:
@@ -157,20 +157,19 @@ class CausalSelfAttention(nn.Module):
         if cache is not None:
             start = cache.length
             k, v = cache.append(k, v)  # (B, nh, start + T, hs)
-        # Query i (at position start + i) may see keys 0 .. start + i. One new token sees them all.
-        mask = None if T == 1 else self.causal_mask[start : start + T, : start + T].to(q.dtype)
         if self.attention == "sdpa":
             # Dropout inside the kernel must be switched off by hand at evaluation.
             p = self.dropout if self.training else 0.0
             if start == 0:
                 y = F.scaled_dot_product_attention(q, k, v, dropout_p=p, is_causal=True)
-            else:  # continuing a cached context (mask is None for one new token)
+            else:  # continuing a cached context
+                mask = self._causal_mask(start, T, q.dtype)
                 y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p)
         else:
             # Scores are scaled by 1/sqrt(head_size), not 1/sqrt(n_embd); scaling q is the same
             # product and touches fewer numbers.
             att = (q * (1.0 / math.sqrt(k.size(-1)))) @ k.transpose(-2, -1)  # (B, nh, T, start + T)
-            if mask is not None:
+            if (mask := self._causal_mask(start, T, q.dtype)) is not None:
                 att = att + mask
             # In float32 even under bf16 autocast (where softmax would stay in bf16), as fused kernels do.
             att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
@@ -178,6 +177,11 @@ class CausalSelfAttention(nn.Module):
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
+
+    def _causal_mask(self, start: int, T: int, dtype: torch.dtype) -> torch.Tensor | None:
+        """Added to the scores of queries at positions start .. start + T - 1: query i may see
+        keys 0 .. start + i. None for one new token, which sees them all."""
+        return None if T == 1 else self.causal_mask[start : start + T, : start + T].to(dtype)
 
 
 class FeedForward(nn.Module):
