@@ -27,21 +27,40 @@ AttentionImpl = Literal["sdpa", "explicit"]
 
 @dataclass
 class GPTConfig:
-    """Architecture of the network. The defaults are the lecture's model (about 10.8M parameters)."""
+    """Architecture of the network. The defaults are the lecture's model (about 10.8M parameters).
 
-    vocab_size: int = 65  # number of distinct characters; the data decides it
-    block_size: int = 256  # longest context the model sees (learned positions exist up to here)
-    n_layer: int = 6  # transformer blocks; 0 leaves embeddings and head: the bigram baseline
-    n_head: int = 6  # attention heads per block; 1 is the single-head ablation
-    n_embd: int = 384  # width of the residual stream
-    dropout: float = 0.2  # on attention weights and on each sub-layer's output
-    feed_forward: bool = True  # the MLP sub-layer of each block
-    attn_proj: bool = True  # the linear projection after the concatenated heads
-    residual: bool = True  # x + f(x) around each sub-layer (False: x = f(x))
-    norm: Norm = "pre"  # layer norm before each sub-layer, after the residual add, or none at all
-    activation: Activation = "relu"  # the lecture uses ReLU; GPT-2 uses GELU
-    attention: AttentionImpl = "sdpa"  # fused kernel, or the explicit softmax that exposes the weights
-    tie_weights: bool = False  # share the token embedding with the output head
+    This is the one place a model field is declared: the LightningModule and the command line
+    (``--model.<field>``, described by the lines below) take their architecture arguments from it.
+
+    Attributes:
+        vocab_size: number of distinct characters; the data decides it.
+        block_size: longest context the model sees, in characters (learned positions exist up to here).
+        n_layer: transformer blocks; 0 leaves embeddings and head: the bigram baseline.
+        n_head: attention heads per block (1 is the single-head ablation); must divide ``n_embd``.
+        n_embd: width of the residual stream.
+        dropout: rate on attention weights and on each sub-layer's output, in [0, 1).
+        feed_forward: include the MLP sub-layer in each block.
+        attn_proj: include the linear projection after the concatenated heads.
+        residual: add each sub-layer's input to its output (``x + f(x)``; false: ``x = f(x)``).
+        norm: layer norm before each sub-layer (``pre``), after the residual add (``post``), or ``none``.
+        activation: feed-forward non-linearity: ``relu`` (the lecture) or ``gelu`` (GPT-2).
+        attention: ``sdpa`` (the fused kernel) or ``explicit`` (the softmax written out, weights visible).
+        tie_weights: share the token embedding matrix with the output head.
+    """
+
+    vocab_size: int = 65
+    block_size: int = 256
+    n_layer: int = 6
+    n_head: int = 6
+    n_embd: int = 384
+    dropout: float = 0.2
+    feed_forward: bool = True
+    attn_proj: bool = True
+    residual: bool = True
+    norm: Norm = "pre"
+    activation: Activation = "relu"
+    attention: AttentionImpl = "sdpa"
+    tie_weights: bool = False
 
     def __post_init__(self) -> None:
         minimum = {"vocab_size": 1, "block_size": 1, "n_layer": 0, "n_head": 1, "n_embd": 1}
@@ -65,36 +84,6 @@ class GPTConfig:
     @property
     def head_size(self) -> int:
         return self.n_embd // self.n_head
-
-
-class Linear(nn.Linear):
-    """``nn.Linear`` with a faster path for a few rows on a CPU: generation's one new token.
-
-    MKL multiplies a matrix by one vector on a single core; on the 2-core benchmark machine it
-    streams the weights at about 9 GB/s. Cut the matrix into one slab of rows per thread and hand
-    the slabs to ``bmm``, and every core streams its own slab: about 36 GB/s there, so batch-1
-    decoding of the 6x6x384 model spends ~1.1 ms per token on matrix products instead of ~4 ms.
-    Same weights, same parameter names; only the float rounding differs from ``nn.Linear``.
-    Small matrices (the cpu.yaml model's) stay in cache, where one core is fast enough and the
-    split costs more than it saves.
-    """
-
-    def __init__(self, in_features: int, out_features: int, bias: bool = True) -> None:
-        super().__init__(in_features, out_features, bias)
-        self.split = in_features * out_features >= 2**17  # 512 KB in fp32
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        rows = x.numel() // self.in_features
-        few_rows_on_cpu = self.split and rows <= 16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-        if few_rows_on_cpu and not torch.compiler.is_compiling():  # compiled graphs keep the plain product
-            slabs = math.gcd(self.out_features, torch.get_num_threads())
-            if slabs > 1:
-                w = self.weight.reshape(slabs, self.out_features // slabs, self.in_features)
-                xt = x.reshape(rows, self.in_features).t().expand(slabs, -1, -1)  # (slabs, in, rows), no copy
-                b = None if self.bias is None else self.bias.reshape(slabs, -1, 1)
-                y = torch.bmm(w, xt) if b is None else torch.baddbmm(b, w, xt)  # (slabs, out / slabs, rows)
-                return y.reshape(self.out_features, rows).t().reshape(*x.shape[:-1], self.out_features)
-        return F.linear(x, self.weight, self.bias)
 
 
 def dropout(p: float) -> nn.Module:
@@ -139,8 +128,8 @@ class CausalSelfAttention(nn.Module):
         self.attention = config.attention
         self.dropout = config.dropout
         # The lecture's heads have no bias on key, query and value; one matrix computes all three.
-        self.qkv = Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = Linear(config.n_embd, config.n_embd) if config.attn_proj else nn.Identity()
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd) if config.attn_proj else nn.Identity()
         self.attn_dropout = dropout(config.dropout)
         self.resid_dropout = dropout(config.dropout)
         # Added to the scores: 0 where query i may see key j (j <= i), -inf above the diagonal.
@@ -189,9 +178,9 @@ class FeedForward(nn.Module):
 
     def __init__(self, config: GPTConfig) -> None:
         super().__init__()
-        self.fc = Linear(config.n_embd, 4 * config.n_embd)
+        self.fc = nn.Linear(config.n_embd, 4 * config.n_embd)
         self.act = nn.ReLU() if config.activation == "relu" else nn.GELU()
-        self.proj = Linear(4 * config.n_embd, config.n_embd)
+        self.proj = nn.Linear(4 * config.n_embd, config.n_embd)
         self.dropout = dropout(config.dropout)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -247,7 +236,7 @@ class GPT(nn.Module):
         self.pos_emb = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList(Block(config) for _ in range(config.n_layer))
         self.ln_f = nn.LayerNorm(config.n_embd) if config.norm != "none" else nn.Identity()
-        self.lm_head = Linear(config.n_embd, config.vocab_size)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         if config.tie_weights:
             self.lm_head.weight = self.tok_emb.weight
         self.apply(self._init_weights)

@@ -182,31 +182,44 @@ def two_threads():
 @pytest.mark.parametrize("bias", [True, False])
 @pytest.mark.parametrize("shape", [(1, 1, 256), (3, 256), (2, 1, 256)])
 def test_split_linear_computes_what_nn_linear_does(two_threads, monkeypatch, shape, bias):
-    from shakespeare_gpt import model as model_module
+    from shakespeare_gpt.sampling import split_linear
 
     torch.manual_seed(0)
-    layer = model_module.Linear(256, 1024, bias=bias)
-    reference = torch.nn.Linear(256, 1024, bias=bias)
-    reference.load_state_dict(layer.state_dict())  # same parameter names
+    layer = torch.nn.Linear(256, 1024, bias=bias)
     x = torch.randn(shape)
     calls = []
     for name in ("bmm", "baddbmm"):
         original = getattr(torch, name)
         monkeypatch.setattr(torch, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
     with torch.inference_mode():
-        y = layer(x)
+        y = split_linear(layer, x)
     assert calls, "one row on a CPU without grad should take the split path"
-    torch.testing.assert_close(y, reference(x), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-5)
     calls.clear()
-    y = layer(x)  # with grad: the plain product, so training is untouched
+    y = split_linear(layer, x)  # with grad: the plain product, so training is untouched
     assert not calls and y.requires_grad
 
 
-def test_kv_cache_with_split_matrix_products_gives_the_same_tokens(two_threads):
+def test_generation_splits_only_large_matrices_and_puts_the_model_back(two_threads, monkeypatch):
+    from shakespeare_gpt.sampling import split_matrix_products
+
     model = tiny(n_embd=256, n_head=4, n_layer=1)  # matrices big enough for the split path
-    assert [m.split for m in model.modules() if hasattr(m, "split")] == [True, False, True, True, False]
+    with split_matrix_products(model):
+        split = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    # q/k/v (256 x 768) and the feed-forward's two (256 x 1024); not the projection (256 x 256) or the head.
+    assert split == ["blocks.0.attn.qkv", "blocks.0.ffwd.fc", "blocks.0.ffwd.proj"]
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert list(model.state_dict()) == list(tiny(n_embd=256, n_head=4, n_layer=1).state_dict())
+
+
+def test_kv_cache_with_split_matrix_products_gives_the_same_tokens(two_threads, monkeypatch):
+    model = tiny(n_embd=256, n_head=4, n_layer=1)
+    calls = []
+    original = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or original(*a, **k))
     idx = torch.randint(0, 11, (1, 3))
     cached = generate(model, idx, 24, top_k=1, use_cache=True)
+    assert calls  # the split path ran
     uncached = generate(model, idx, 24, top_k=1, use_cache=False)
     assert torch.equal(cached, uncached)
 
