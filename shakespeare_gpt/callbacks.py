@@ -1,18 +1,32 @@
-"""Callbacks the CLI attaches: predicted samples, training throughput, a checkpoint on interrupt."""
+"""The callbacks the CLI attaches: everything that cuts across training, kept out of the LightningModule.
+
+Lightning's own callbacks are used where one does the job (``ModelCheckpoint``,
+``LearningRateMonitor``); where a callback here does what one of Lightning's nearly does
+(``OnExceptionCheckpoint``, ``ThroughputMonitor``), its docstring says why it is not that one.
+"""
 
 from __future__ import annotations
 
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+
+from .errors import NonFiniteLossError, UserError
+
+try:
+    import fcntl
+except ImportError:  # Windows: runs are not locked
+    fcntl = None
 
 
 class SampleWriter(Callback):
@@ -49,11 +63,34 @@ class SampleWriter(Callback):
         sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
 
 
-class Throughput(Callback):
-    """Logs training tokens/s and model FLOPs utilisation (MFU) to the logger.
+class TextSample(Callback):
+    """After each validation of ``fit``, logs a sample to TensorBoard's Text tab.
 
-    Time is measured over windows of ``trainer.log_every_n_steps`` steps, validation excluded.
-    The GPU is synchronised only at the end of a window, never at every step.
+    ``pl_module.hparams.sample_tokens`` characters from a newline, with the same seed each time,
+    so the samples can be compared across steps.
+    """
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        tokens, logger = pl_module.hparams.sample_tokens, trainer.logger
+        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+        if not fitting or tokens <= 0 or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+            return
+        g = torch.Generator(device=pl_module.device).manual_seed(0)
+        start = torch.tensor([pl_module.tokenizer.encode("\n")], device=pl_module.device)
+        text = pl_module.tokenizer.decode(pl_module.generate(start, tokens, generator=g)[0].tolist())
+        # Four leading spaces make TensorBoard's markdown keep the line breaks.
+        logger.experiment.add_text("sample", "\n".join("    " + line for line in text.split("\n")), trainer.global_step)
+
+
+class Throughput(Callback):
+    """Logs training tokens/s (``perf/tokens_per_s``) and model FLOPs utilisation (``perf/mfu``).
+
+    Time is measured over windows of ``trainer.log_every_n_steps`` steps, validation excluded,
+    and the GPU is synchronised only at the end of a window. Not Lightning's ``ThroughputMonitor``,
+    which synchronises the GPU after every step (for this small model the GPU would then wait
+    for the host at every step), logs its raw counters (time, batches, samples, lengths) and a
+    point per validation batch at every log step, and takes the peak FLOP/s only from its table
+    of GPUs (no CPUs, no H200).
 
     Args:
         peak_flops: the device's peak FLOP/s for the training dtype, for MFU. By default Lightning's
@@ -62,57 +99,233 @@ class Throughput(Callback):
 
     def __init__(self, peak_flops: float | None = None) -> None:
         self.peak_flops = peak_flops
-        self._t0 = 0.0
-        self._tokens = 0
+        self.t0 = 0.0
+        self.tokens = 0
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        if self.peak_flops is None:
+        if self.peak_flops is None and stage == "fit":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
-            device = trainer.strategy.root_device
-            self.peak_flops = get_available_flops(device, dtype)
-            if self.peak_flops is None:
-                rank_zero_warn(f"peak FLOP/s of {device} unknown: set --throughput.peak_flops to log perf/mfu")
+            self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
 
-    def _restart(self) -> None:
-        self._t0, self._tokens = time.perf_counter(), 0
+    def restart(self) -> None:
+        self.t0, self.tokens = time.perf_counter(), 0
 
     def on_train_start(self, trainer, pl_module) -> None:
-        self._restart()
+        self.restart()
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        self._restart()  # validation time is not training time
+        self.restart()  # validation time is not training time
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         x, _ = batch
-        self._tokens += x.numel() * trainer.world_size
-        if (trainer.global_step % trainer.log_every_n_steps) != 0 or trainer.logger is None:
+        self.tokens += x.numel() * trainer.world_size
+        if trainer.global_step % trainer.log_every_n_steps != 0 or trainer.logger is None:
             return
         if x.device.type == "cuda":
             torch.cuda.synchronize()
-        elapsed = time.perf_counter() - self._t0
-        tokens_per_s = self._tokens / elapsed
+        tokens_per_s = self.tokens / (time.perf_counter() - self.t0)
         metrics = {"perf/tokens_per_s": tokens_per_s}
         if self.peak_flops:
-            model_flops = pl_module.model.flops_per_token() * tokens_per_s
-            metrics["perf/mfu"] = model_flops / (self.peak_flops * trainer.world_size)
+            metrics["perf/mfu"] = pl_module.flops_per_token * tokens_per_s / (self.peak_flops * trainer.world_size)
         trainer.logger.log_metrics(metrics, step=trainer.global_step)
-        self._restart()
+        self.restart()
 
 
-class SaveOnInterrupt(Callback):
-    """On Ctrl-C or SIGTERM during ``fit``, writes ``last.ckpt`` so ``fit --ckpt_path last`` resumes there.
+class StopOnNonFiniteLoss(Callback):
+    """Stops ``fit`` with ``NonFiniteLossError`` at the first NaN or infinite training loss.
 
-    Other errors (a NaN loss, say) write nothing: the last good checkpoint stays as it was.
-    Lightning writes checkpoints through a file transaction, so none is ever half-written.
+    It stops before another checkpoint is written, so the last good one survives. The first bad
+    step is recorded on the device at every step and read only at log steps and at the end of
+    each validation (before the checkpoint callbacks, which Lightning runs last): a GPU is never
+    made to wait for it at every step.
     """
 
+    def __init__(self) -> None:
+        self.first_bad_step: torch.Tensor | None = None
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self.first_bad_step = torch.tensor(-1, device=pl_module.device)
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        step = trainer.global_step - 1  # the optimiser has stepped: this batch was step global_step - 1
+        bad = ~torch.isfinite(outputs["loss"].detach()) & (self.first_bad_step < 0)
+        self.first_bad_step = torch.where(bad, step, self.first_bad_step)
+        if trainer.global_step % trainer.log_every_n_steps == 0:
+            self._check()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self._check()
+
+    def _check(self) -> None:
+        if (step := int(self.first_bad_step)) >= 0:
+            raise NonFiniteLossError(
+                f"the training loss became NaN or infinite at step {step}: training stopped before "
+                "writing another checkpoint; lower --model.learning_rate and resume from the last good one"
+            )
+
+
+class RandomState(Callback):
+    """Carries the random state (dropout's) in checkpoints, so a resumed run is exactly the run that never stopped.
+
+    The state is put back at the first training batch, not when the checkpoint is read:
+    building the data loaders draws from the same generator, and the uninterrupted run had
+    built them long before that step.
+    """
+
+    def __init__(self) -> None:
+        self.pending: dict | None = None
+
+    def state_dict(self) -> dict:
+        state = {"torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            state["cuda"] = torch.cuda.get_rng_state_all()
+        return state
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.pending = state_dict
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if (state := self.pending) is None:
+            return
+        torch.set_rng_state(state["torch"])
+        if "cuda" in state and torch.cuda.is_available() and len(state["cuda"]) == torch.cuda.device_count():
+            torch.cuda.set_rng_state_all(state["cuda"])
+        self.pending = None
+
+
+class InterruptCheckpoint(Callback):
+    """Ctrl-C or SIGTERM during training: finish the step and its validation, save ``last.ckpt``, exit 130 or 143.
+
+    Left to themselves, both signals stop a run where Lightning's resume is not exact. Ctrl-C
+    raises ``KeyboardInterrupt`` wherever Python is, often in the middle of a step, and a checkpoint
+    of that state resumes one step short. On SIGTERM Lightning stops at the end of the step, but
+    also after the first batch of a validation pass, which a resumed run then skips. So while
+    training runs, both signals are only noted here; at the end of the step, or of the validation
+    pass that follows it, they are handed to Lightning's SIGTERM handler, and Lightning stops
+    before the next step, at a point its resume repeats exactly. A second Ctrl-C stops at once,
+    saving nothing.
+
+    The checkpoint goes where ``ModelCheckpoint`` keeps ``last.ckpt``, so ``--ckpt_path last``
+    resumes from it. The exit status is 128 + the signal number, as a shell reports a process a
+    signal ended, so ``fit && predict`` and schedulers see that the run did not finish. Other
+    errors (a NaN loss, say) save nothing: the last good checkpoint stays.
+
+    Not a subclass of Lightning's ``OnExceptionCheckpoint``: with one of those attached, Lightning
+    2.6 treats every ``fit`` without a checkpoint as ``ckpt_path="last"`` and would silently continue
+    whatever ``last.ckpt`` it finds; here a run continues only when asked to.
+    """
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self.lightning_handler = None  # None until training starts: before that, signals act as usual
+        self.validated_step = -1
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        # After Lightning has installed its SIGTERM handler; Lightning puts back the handlers it
+        # found then (the defaults) when fit ends, however it ends.
+        self.signum = None
+        if threading.current_thread() is threading.main_thread():
+            self.lightning_handler = signal.getsignal(signal.SIGTERM)
+            signal.signal(signal.SIGINT, self._on_signal)
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        if self.signum is not None:
+            if signum == signal.SIGINT:
+                raise KeyboardInterrupt  # a second Ctrl-C: stop now
+            return  # already stopping
+        self.signum = signum
+        again = " (Ctrl-C again: stop now, no save)" if signum == signal.SIGINT else ""
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.ckpt{again}\n")
+
+    def _stop(self) -> None:
+        if self.signum is not None and callable(self.lightning_handler):
+            self.lightning_handler(signal.SIGTERM, None)  # Lightning raises before the next step
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if not validates_after_this_step(trainer):
+            self._stop()
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
+            self.validated_step = trainer.global_step
+            self._stop()
+
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking  # validations too
-        if not isinstance(exception, (KeyboardInterrupt, SIGTERMException)) or not fitting:
+        if not isinstance(exception, SIGTERMException):
             return
-        callback = trainer.checkpoint_callback
-        if callback is None or callback.dirpath is None:
+        name = signal.Signals(signum := self.signum or signal.SIGTERM).name
+        exception.code = 128 + signum
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if self.lightning_handler is None or checkpoint is None or checkpoint.dirpath is None:
+            sys.stderr.write(f"interrupted by {name} before training started: nothing saved\n")
             return
-        path = Path(callback.dirpath) / f"{callback.CHECKPOINT_NAME_LAST}{callback.FILE_EXTENSION}"
-        trainer.save_checkpoint(path)
-        sys.stderr.write(f"interrupted at step {trainer.global_step}: saved {path}; resume with --ckpt_path last\n")
+        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+        # After a validation, ModelCheckpoint has just written last.ckpt for this very step, at the
+        # point Lightning's resume expects; it is kept rather than written again.
+        if not (checkpoint.save_last and self.validated_step == trainer.global_step and path.exists()):
+            trainer.save_checkpoint(path)
+        sys.stderr.write(f"interrupted by {name} after step {trainer.global_step}: saved {path}; ")
+        sys.stderr.write("resume with --ckpt_path last\n")
+
+
+def validates_after_this_step(trainer) -> bool:
+    """Whether Lightning runs a validation pass at the end of the training step now ending.
+
+    Lightning's own rule for validation every ``val_check_interval`` steps (the only kind the
+    CLI's configs use): the step's batch number is a multiple of it. Otherwise (validation once
+    an epoch or on a timer) this answers True, and a signal waits for the next validation's end.
+    """
+    interval = trainer.val_check_batch
+    if trainer.check_val_every_n_epoch is not None or not isinstance(interval, int):
+        return True
+    return (trainer.fit_loop.total_batch_idx + 1) % interval == 0
+
+
+class RunLock(Callback):
+    """Holds an exclusive lock on a training run's folder while ``fit`` writes into it.
+
+    A second ``fit`` into the same folder (two resumes of one run, say) stops with a one-line
+    error instead of interleaving its checkpoints and curves with the first's. The lock is the
+    operating system's (``flock``): it goes when the process ends, however it ends.
+    """
+
+    def __init__(self) -> None:
+        self.handle = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        if stage != "fit":
+            return
+        log_dir = trainer.log_dir  # on every rank: reading it is a collective call
+        if trainer.is_global_zero and log_dir is not None and self.handle is None:
+            self.handle = lock_run(Path(log_dir))
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        if self.handle is not None:
+            self.handle.close()
+            self.handle = None
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        self.teardown(trainer, pl_module, "fit")
+
+
+def lock_run(folder: Path, create: bool = True):
+    """Lock ``folder/.lock`` and return its open file, or raise ``UserError`` if another process holds it.
+
+    With ``create=False`` a folder without a lock file is not locked (nothing is written); the
+    caller only learns whether the run is free.
+    """
+    path = folder / ".lock"
+    if fcntl is None or not (create or path.exists()):
+        return None
+    folder.mkdir(parents=True, exist_ok=True)
+    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run: the lock lives as long as the file)
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        handle.close()
+        raise UserError(
+            f"{folder} is being written by another fit right now: wait for it to finish, or stop it first"
+        ) from None
+    return handle
