@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import threading
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -44,6 +45,12 @@ def tiny_fit_args(corpus_dir: Path, max_steps: int = 4, *extra: str) -> list[str
         "--trainer.enable_model_summary=false",
         *extra,
     ]
+
+
+@pytest.fixture(autouse=True)
+def cli_argv_is_the_tests_own(monkeypatch):
+    """Tests hand the CLI its arguments (``args=[...]``); pytest's own command line is not for it."""
+    monkeypatch.setattr(sys, "argv", sys.argv[:1])
 
 
 @pytest.fixture

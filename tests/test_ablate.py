@@ -5,10 +5,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from shakespeare_gpt.ablate import Study, main
 from shakespeare_gpt.cli import cli_main
 from shakespeare_gpt.errors import UserError
-from shakespeare_gpt.report import aggregate, verdicts
+from shakespeare_gpt.tools.ablate import main
+from shakespeare_gpt.tools.report import aggregate, verdicts
+from shakespeare_gpt.tools.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ROOT / "configs" / "ablations"

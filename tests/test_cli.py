@@ -6,7 +6,7 @@ import pytest
 import torch
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
-from shakespeare_gpt.cli import cli_main
+from shakespeare_gpt.cli import build, cli_main
 
 from .conftest import tiny_fit_args
 
@@ -29,7 +29,7 @@ def test_fit_keeps_best_and_last_checkpoints_and_logs_to_tensorboard(trained):
     assert (trained / "config.yaml").exists()
     events = EventAccumulator(str(trained), size_guidance={"scalars": 0, "tensors": 0}).Reload()
     scalars = events.Tags()["scalars"]
-    for tag in ["train/loss", "val/loss", "val/bpc", "train/lr"]:
+    for tag in ["train/loss", "val/loss", "val/bpc", "train/lr/decayed", "perf/tokens_per_s"]:
         assert tag in scalars, scalars
     assert len(events.Scalars("val/loss")) == 2  # one full validation every 2 of the 4 steps
     assert "sample/text_summary" in events.Tags()["tensors"]
@@ -129,7 +129,7 @@ def test_turning_the_progress_bar_off_overrides_a_configs_bar_settings(config, c
         bar = "{class_path: lightning.pytorch.callbacks.TQDMProgressBar, init_args: {refresh_rate: 5}}"
         path.write_text(f"trainer:\n  callbacks: {bar}\n")
     # The tiny arguments come after the config and switch the bar off; the config sets a refresh rate.
-    cli = cli_main([f"--config={path}", *tiny_fit_args(corpus_dir)[1:], "--trainer.precision=32-true"], run=False)
+    cli = build([f"--config={path}", *tiny_fit_args(corpus_dir)[1:], "--trainer.precision=32-true"])
     assert cli.trainer.progress_bar_callback is None
 
 

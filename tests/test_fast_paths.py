@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from shakespeare_gpt.cli import cli_main
-from shakespeare_gpt.lit import ShakespeareGPT
+from shakespeare_gpt.cli import build, cli_main
+from shakespeare_gpt.lightning_module import ShakespeareGPT
 from shakespeare_gpt.model import GPT, GPTConfig
 
 from .conftest import TINY_MODEL_ARGS, tiny_fit_args
@@ -18,7 +18,7 @@ def test_compiled_module_keeps_the_eager_parameter_names():
     eager = ShakespeareGPT(**TINY)
     compiled = ShakespeareGPT(**TINY, compile=True)
     compiled.configure_model()  # sets up torch.compile; nothing is compiled until the first call
-    assert compiled._compiled_forward is not None
+    assert compiled.compiled_forward is not None
     assert list(compiled.state_dict()) == list(eager.state_dict())
     compiled.load_state_dict(eager.state_dict())
     eager.load_state_dict(compiled.state_dict())
@@ -61,12 +61,14 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
     assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
     # Per-step values are handed to Lightning only at the steps it writes, and all of those are written.
-    for tag in ("train/loss", "train/lr"):
+    for tag in ("train/loss", "train/lr/decayed", "train/lr/not_decayed"):
         assert [e.step for e in events.Scalars(tag)] == [1, 3]
 
 
-def test_a_run_stopped_between_log_steps_writes_that_steps_loss_and_lr(corpus_dir, tmp_path, monkeypatch):
-    """train/lr goes to self.log only at the steps Lightning writes; a stop makes the current step one."""
+def test_lr_curve_holds_the_rate_each_step_ran_at_and_a_stopped_run_writes_its_last_loss(
+    corpus_dir, tmp_path, monkeypatch
+):
+    """LearningRateMonitor logs at the steps Lightning writes; a run stopped between them still writes its loss."""
     from lightning.pytorch.callbacks import Callback
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -76,14 +78,15 @@ def test_a_run_stopped_between_log_steps_writes_that_steps_loss_and_lr(corpus_di
 
     monkeypatch.chdir(tmp_path)
     # A 10-step warmup: the learning rate differs at every step, so a stale value would show.
-    extra = ["--trainer.log_every_n_steps=5", "--trainer.val_check_interval=100", "--model.warmup_steps=10"]
-    cli = cli_main(tiny_fit_args(corpus_dir, 12, *extra, "--model.learning_rate=1e-3")[1:], run=False)
+    extra = ["--trainer.log_every_n_steps=3", "--trainer.val_check_interval=100", "--model.warmup_steps=10"]
+    cli = build(tiny_fit_args(corpus_dir, 12, *extra, "--model.learning_rate=1e-3")[1:])
     cli.trainer.callbacks.append(StopAfterStep7())
     cli.trainer.fit(cli.model, cli.datamodule)
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
-    lr = [(e.step, round(e.value, 8)) for e in events.Scalars("train/lr")]
-    assert lr == [(4, 5e-4), (6, 7e-4)]  # steps 4 and 6 (0-based) ran at 5/10 and 7/10 of the peak
-    assert [e.step for e in events.Scalars("train/loss")] == [4, 6]
+    for group in ("decayed", "not_decayed"):
+        lr = [(e.step, round(e.value, 8)) for e in events.Scalars(f"train/lr/{group}")]
+        assert lr == [(2, 3e-4), (5, 6e-4)]  # steps 2 and 5 (0-based) ran at 3/10 and 6/10 of the peak
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 5, 6]
 
 
 def test_explicit_and_sdpa_attention_agree_under_cpu_bf16_autocast():

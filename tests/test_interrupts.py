@@ -1,0 +1,280 @@
+"""Real signals sent to a real ``fit`` process, then ``fit --ckpt_path last``.
+
+Ctrl-C (SIGINT) and SIGTERM at a random training step (in the middle of it) and during a
+validation pass, and ``kill -9`` between checkpoints. In every case the resumed run must be the
+run that was never interrupted: same final weights, same val losses, each step once in
+TensorBoard, ``last.ckpt`` always the newest state. The refusals of ``--ckpt_path last`` (nothing
+to resume, a run already being written, a checkpoint that contradicts the command) are tested here
+too, each checking that the failed attempt changed no file of the run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from lightning.pytorch.callbacks import Callback
+from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+from shakespeare_gpt.cli import cli_main
+
+from .conftest import TINY_TEXT, tiny_fit_args
+
+ROOT = Path(__file__).resolve().parents[1]
+MAX_STEPS, VAL_EVERY = 24, 6
+# Dropout on, so that the random state matters as well as the data order.
+FIT = [*tiny_fit_args(Path("data"), MAX_STEPS, "--model.dropout=0.2", f"--trainer.val_check_interval={VAL_EVERY}")]
+RUN = Path("lightning_logs") / "version_0"
+
+
+class Pace(Callback):
+    """Slows a run down so a signal can land where the test wants it, and tells the test where the run is.
+
+    It sleeps *inside* each training step (after the backward pass, before the optimiser step)
+    and inside each validation batch, writing ``<phase> <global_step>`` to ``progress`` first.
+    """
+
+    def __init__(self, seconds: float = 0.05) -> None:
+        self.seconds = seconds
+
+    def _at(self, phase: str, step: int) -> None:
+        Path("progress").write_text(f"{phase} {step}")
+        time.sleep(self.seconds)
+
+    def on_before_optimizer_step(self, trainer, pl_module, optimizer) -> None:
+        self._at("train", trainer.global_step)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx, dataloader_idx=0) -> None:
+        if not trainer.sanity_checking:
+            self._at("val", trainer.global_step)
+
+
+def start_fit(folder: Path, *extra: str, paced: bool = False) -> subprocess.Popen:
+    args = [*FIT, *extra]
+    if paced:
+        args.append("--trainer.callbacks+=" + json.dumps({"class_path": "tests.test_interrupts.Pace"}))
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.Popen(
+        [sys.executable, "-m", "shakespeare_gpt", *args],
+        cwd=folder,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def fit(folder: Path, *extra: str) -> subprocess.CompletedProcess:
+    process = start_fit(folder, *extra)
+    _, err = process.communicate(timeout=300)
+    return subprocess.CompletedProcess(process.args, process.returncode, "", err)
+
+
+def wait_for(folder: Path, phase: str, step: int, process: subprocess.Popen) -> int:
+    """Wait until the paced run in ``folder`` is in ``phase`` at ``step`` or later; return the step it is at."""
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline:
+        assert process.poll() is None, f"fit ended early: {process.stderr.read()}"
+        try:
+            now_phase, now_step = (folder / "progress").read_text().split()
+        except (FileNotFoundError, ValueError):
+            now_phase, now_step = "", "-1"
+        if now_phase == phase and int(now_step) >= step:
+            return int(now_step)
+        time.sleep(0.005)
+    raise TimeoutError(f"the run never reached {phase} {step}")
+
+
+def new_folder(tmp_path: Path, name: str) -> Path:
+    folder = tmp_path / name
+    (folder / "data").mkdir(parents=True)
+    (folder / "data" / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
+    return folder
+
+
+def scalars(run: Path) -> dict[str, list[tuple[int, float]]]:
+    events = EventAccumulator(str(run), size_guidance={"scalars": 0}).Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def checkpoint(run: Path, name: str = "last.ckpt") -> dict:
+    return torch.load(run / "checkpoints" / name, weights_only=True)
+
+
+def snapshot(run: Path) -> dict[str, str]:
+    return {str(p.relative_to(run)): hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+
+
+@pytest.fixture(scope="module")
+def reference(tmp_path_factory) -> Path:
+    """The run that is never interrupted."""
+    folder = new_folder(tmp_path_factory.mktemp("reference"), "run")
+    done = fit(folder)
+    assert done.returncode == 0, done.stderr
+    return folder / RUN
+
+
+def assert_same_run(resumed: Path, reference: Path) -> None:
+    """The resumed run ended where the reference did, with its weights and its curves, each step once."""
+    files = sorted(p.name for p in (resumed / "checkpoints").iterdir())
+    assert files == sorted(p.name for p in (reference / "checkpoints").iterdir())  # no last-v1.ckpt
+    ours, theirs = checkpoint(resumed), checkpoint(reference)
+    assert ours["global_step"] == theirs["global_step"] == MAX_STEPS
+    for name, tensor in theirs["state_dict"].items():
+        assert torch.equal(ours["state_dict"][name], tensor), name
+    got, want = scalars(resumed), scalars(reference)
+    for tag in ("train/loss", "val/loss", "train/lr/decayed"):
+        assert got[tag] == want[tag], tag  # same steps, each once, same values
+
+
+def assert_validate_uses_newest_weights(run: Path, reference: Path, capsys) -> None:
+    cli = cli_main(
+        ["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--trainer.logger=false", "--data.sha256=null"]
+        + [f"--data.data_dir={run.parents[1] / 'data'}", "--trainer.enable_progress_bar=false"]
+    )
+    assert cli.trainer.callback_metrics["val/loss"].item() == scalars(reference)["val/loss"][-1][1]
+    capsys.readouterr()
+
+
+@pytest.mark.parametrize("phase", ["train", "val"])
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_signal_then_resume_is_the_run_that_never_stopped(how, phase, reference, tmp_path, monkeypatch, capsys):
+    seed = random.randrange(10**6)
+    rng = random.Random(seed)
+    # Any step but the last; for a validation, any but the final one (after which nothing is left to stop).
+    target = (
+        rng.randrange(1, MAX_STEPS - 1) if phase == "train" else VAL_EVERY * rng.randrange(1, MAX_STEPS // VAL_EVERY)
+    )
+    folder = new_folder(tmp_path, "run")
+    process = start_fit(folder, paced=True)
+    target = wait_for(folder, phase, target, process)
+    process.send_signal(how)
+    _, err = process.communicate(timeout=120)
+    where = f"(random seed {seed}: {phase} step {target})"
+    assert process.returncode == 128 + how, f"{where}\n{err}"
+    run = folder / RUN
+    stopped = checkpoint(run)["global_step"]
+    # The step under way is finished, and so is the validation pass after it (or under way).
+    assert stopped == target + 1 if phase == "train" else stopped == target, where
+    assert f"after step {stopped}: saved {RUN / 'checkpoints' / 'last.ckpt'}; resume with --ckpt_path last" in err
+    val = scalars(run).get("val/loss", [])
+    assert val == scalars(reference)["val/loss"][: len(val)]  # only complete passes, the reference's values
+    assert len(val) == stopped // VAL_EVERY, where
+
+    resumed = fit(folder, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run, reference)
+    monkeypatch.chdir(folder)
+    assert_validate_uses_newest_weights(run, reference, capsys)
+
+
+def test_kill_9_then_resume_drops_the_lost_steps_from_the_curves(reference, tmp_path, monkeypatch, capsys):
+    seed = random.randrange(10**6)
+    target = random.Random(seed).randrange(VAL_EVERY + 1, MAX_STEPS - 1)  # past the first checkpoint
+    folder = new_folder(tmp_path, "run")
+    process = start_fit(folder, paced=True)
+    target = wait_for(folder, "train", target, process)
+    process.kill()
+    process.communicate(timeout=60)
+    assert process.returncode == -signal.SIGKILL
+    run = folder / RUN
+    assert checkpoint(run)["global_step"] == target // VAL_EVERY * VAL_EVERY, f"random seed {seed}"
+    resumed = fit(folder, "--ckpt_path=last")
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(run, reference)
+    monkeypatch.chdir(folder)
+    assert_validate_uses_newest_weights(run, reference, capsys)
+
+
+def test_two_resumes_of_one_run_do_not_both_write_into_it(reference, tmp_path):
+    folder = new_folder(tmp_path, "run")
+    killed = start_fit(folder, paced=True)
+    wait_for(folder, "train", VAL_EVERY + 1, killed)  # past the first checkpoint
+    killed.kill()
+    killed.communicate(timeout=60)
+    (folder / "progress").unlink()
+    first = start_fit(folder, "--ckpt_path=last", paced=True)
+    wait_for(folder, "train", VAL_EVERY + 1, first)
+    second = fit(folder, "--ckpt_path=last")
+    assert second.returncode == 1
+    assert second.stderr.strip().splitlines()[-1] == (
+        f"error: {RUN} is being written by another fit right now: wait for it to finish, or stop it first"
+    )
+    _, err = first.communicate(timeout=120)
+    assert first.returncode == 0, err
+    assert_same_run(folder / RUN, reference)
+
+
+def run_cli(args: list[str], capsys) -> tuple[int, list[str]]:
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    return exc.value.code, capsys.readouterr().err.strip().splitlines()
+
+
+def test_nothing_to_resume_is_said_in_one_line_and_an_older_run_is_never_taken(
+    reference, tmp_path, monkeypatch, capsys
+):
+    folder = new_folder(tmp_path, "run")
+    monkeypatch.chdir(folder)
+    code, err = run_cli([*FIT, "--ckpt_path=last"], capsys)
+    assert code == 1 and err == [
+        "error: nothing to resume: there is no run under lightning_logs; start one without --ckpt_path"
+    ]
+    shutil.copytree(reference, folder / RUN)
+    newest = folder / "lightning_logs" / "version_1"  # killed before its first checkpoint
+    newest.mkdir()
+    before = snapshot(folder / "lightning_logs")
+    code, err = run_cli([*FIT, "--ckpt_path=last"], capsys)
+    assert code == 1 and len(err) == 1
+    assert err[0].startswith("error: nothing to resume: the newest run lightning_logs/version_1 has no last.ckpt")
+    assert snapshot(folder / "lightning_logs") == before
+
+
+@pytest.mark.parametrize(
+    "damage,message",
+    [
+        ("--model.n_embd=32", "was trained with n_embd=16 (asked: 32): a checkpoint decides its model's settings"),
+        ("--model.norm=post", "was trained with norm='pre' (asked: 'post')"),
+        ("truncated", "cannot be read (OSError): it is truncated or corrupt"),
+        ("garbage", "cannot be read (RuntimeError): it is truncated or corrupt"),
+    ],
+)
+def test_a_resume_that_cannot_work_is_one_line_and_changes_no_file(
+    damage, message, reference, tmp_path, monkeypatch, capsys
+):
+    folder = new_folder(tmp_path, "run")
+    shutil.copytree(reference, folder / RUN)
+    last = folder / RUN / "checkpoints" / "last.ckpt"
+    if damage == "truncated":
+        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
+    elif damage == "garbage":
+        last.write_bytes(b"\x00not a checkpoint" * 100)
+    before = snapshot(folder / "lightning_logs")
+    monkeypatch.chdir(folder)
+    flags = [damage] if damage.startswith("--") else []
+    code, err = run_cli([*FIT, *flags, "--ckpt_path=last"], capsys)
+    assert code == 1 and len(err) == 1, err
+    assert err[0].startswith(f"error: {'checkpoint ' if not flags else ''}{RUN / 'checkpoints' / 'last.ckpt'}")
+    assert message in err[0]
+    assert snapshot(folder / "lightning_logs") == before  # config.yaml included
+
+
+def test_model_flags_that_contradict_an_explicit_checkpoint_are_refused(reference, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    ckpt = reference / "checkpoints" / "last.ckpt"
+    code, err = run_cli(["predict", f"--ckpt_path={ckpt}", "--model.n_layer=3", "--trainer.logger=false"], capsys)
+    assert code == 1 and len(err) == 1
+    assert "was trained with n_layer=1 (asked: 3)" in err[0]
+    # How to run is not the checkpoint's to decide: sample_tokens (like compile) may differ from it.
+    cli_main(["predict", f"--ckpt_path={ckpt}", "--model.sample_tokens=5", "--trainer.logger=false", "--data.prompt=a"])
+    assert "----- sample 1 -----\na" in capsys.readouterr().out
