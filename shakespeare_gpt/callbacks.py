@@ -20,6 +20,7 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
+from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .errors import NonFiniteLossError, UserError
 
@@ -27,6 +28,11 @@ try:
     import fcntl
 except ImportError:  # Windows: runs are not locked
     fcntl = None
+
+
+def fitting(trainer) -> bool:
+    """Whether ``trainer`` is in ``fit`` proper (not its sanity check)."""
+    return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
 
 
 class SampleWriter(Callback):
@@ -72,8 +78,12 @@ class TextSample(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         tokens, logger = pl_module.hparams.sample_tokens, trainer.logger
-        fitting = trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
-        if not fitting or tokens <= 0 or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        if (
+            not fitting(trainer)
+            or tokens <= 0
+            or not trainer.is_global_zero
+            or not isinstance(logger, TensorBoardLogger)
+        ):
             return
         g = torch.Generator(device=pl_module.device).manual_seed(0)
         start = torch.tensor([pl_module.tokenizer.encode("\n")], device=pl_module.device)
@@ -106,6 +116,8 @@ class Throughput(Callback):
         if self.peak_flops is None and stage == "fit":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
+            if self.peak_flops is None:
+                rank_zero_warn("peak FLOP/s of this device unknown: set --throughput.peak_flops to log perf/mfu")
 
     def restart(self) -> None:
         self.t0, self.tokens = time.perf_counter(), 0
@@ -151,14 +163,15 @@ class StopOnNonFiniteLoss(Callback):
         bad = ~torch.isfinite(outputs["loss"].detach()) & (self.first_bad_step < 0)
         self.first_bad_step = torch.where(bad, step, self.first_bad_step)
         if trainer.global_step % trainer.log_every_n_steps == 0:
-            self._check()
+            self._check(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self._check()
+        if fitting(trainer):
+            self._check(trainer)
 
-    def _check(self) -> None:
-        if (step := int(self.first_bad_step)) >= 0:
+    def _check(self, trainer) -> None:
+        # Every process stops together: the largest first bad step of any rank (-1: none).
+        if (step := int(trainer.strategy.reduce(self.first_bad_step, reduce_op="max"))) >= 0:
             raise NonFiniteLossError(
                 f"the training loss became NaN or infinite at step {step}: training stopped before "
                 "writing another checkpoint; lower --model.learning_rate and resume from the last good one"
@@ -195,21 +208,23 @@ class RandomState(Callback):
 
 
 class InterruptCheckpoint(Callback):
-    """Ctrl-C or SIGTERM during training: finish the step and its validation, save ``last.ckpt``, exit 130 or 143.
+    """Keeps ``last.ckpt`` the newest state of the run: after Ctrl-C or SIGTERM, and at the end.
 
     Left to themselves, both signals stop a run where Lightning's resume is not exact. Ctrl-C
     raises ``KeyboardInterrupt`` wherever Python is, often in the middle of a step, and a checkpoint
     of that state resumes one step short. On SIGTERM Lightning stops at the end of the step, but
     also after the first batch of a validation pass, which a resumed run then skips. So while
     training runs, both signals are only noted here; at the end of the step, or of the validation
-    pass that follows it, they are handed to Lightning's SIGTERM handler, and Lightning stops
-    before the next step, at a point its resume repeats exactly. A second Ctrl-C stops at once,
-    saving nothing.
-
+    pass that follows it, they are handed to Lightning's SIGTERM handler (by every process at the
+    same step), and Lightning stops before the next step, at a point its resume repeats exactly.
     The checkpoint goes where ``ModelCheckpoint`` keeps ``last.ckpt``, so ``--ckpt_path last``
     resumes from it. The exit status is 128 + the signal number, as a shell reports a process a
-    signal ended, so ``fit && predict`` and schedulers see that the run did not finish. Other
-    errors (a NaN loss, say) save nothing: the last good checkpoint stays.
+    signal ended, so ``fit && predict`` and schedulers see that the run did not finish. A second
+    Ctrl-C stops at once, saving nothing; a signal in the last step lets the run finish.
+
+    ``ModelCheckpoint`` writes ``last.ckpt`` at each validation and, at the end, only if it never
+    did; when the last step is not a validation step, the final state is written here.
+    Other errors (a NaN loss, say) save nothing: the last good checkpoint stays.
 
     Not a subclass of Lightning's ``OnExceptionCheckpoint``: with one of those attached, Lightning
     2.6 treats every ``fit`` without a checkpoint as ``ckpt_path="last"`` and would silently continue
@@ -219,12 +234,12 @@ class InterruptCheckpoint(Callback):
     def __init__(self) -> None:
         self.signum: int | None = None
         self.lightning_handler = None  # None until training starts: before that, signals act as usual
-        self.validated_step = -1
+        self.saved_step = -1  # the step last.ckpt holds, as far as this run knows
 
     def on_train_start(self, trainer, pl_module) -> None:
         # After Lightning has installed its SIGTERM handler; Lightning puts back the handlers it
         # found then (the defaults) when fit ends, however it ends.
-        self.signum = None
+        self.signum, self.saved_step = None, trainer.global_step
         if threading.current_thread() is threading.main_thread():
             self.lightning_handler = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -239,48 +254,72 @@ class InterruptCheckpoint(Callback):
         again = " (Ctrl-C again: stop now, no save)" if signum == signal.SIGINT else ""
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.ckpt{again}\n")
 
-    def _stop(self) -> None:
-        if self.signum is not None and callable(self.lightning_handler):
+    def _stop_if_signalled(self, trainer) -> None:
+        # Asked on every process (one may have seen the signal and another not yet), so that all
+        # of them stop after the same step.
+        signalled = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        last_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
+        if signalled and not last_step and callable(self.lightning_handler):
             self.lightning_handler(signal.SIGTERM, None)  # Lightning raises before the next step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         if not validates_after_this_step(trainer):
-            self._stop()
+            self._stop_if_signalled(trainer)
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking:
-            self.validated_step = trainer.global_step
-            self._stop()
+        if fitting(trainer):
+            self.saved_step = trainer.global_step  # ModelCheckpoint writes last.ckpt now (it runs last)
+            self._stop_if_signalled(trainer)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.saved_step != trainer.global_step:
+            self._save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         if not isinstance(exception, SIGTERMException):
             return
         name = signal.Signals(signum := self.signum or signal.SIGTERM).name
         exception.code = 128 + signum
-        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
-        if self.lightning_handler is None or checkpoint is None or checkpoint.dirpath is None:
+        if self.lightning_handler is None:
             sys.stderr.write(f"interrupted by {name} before training started: nothing saved\n")
             return
-        path = Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
         # After a validation, ModelCheckpoint has just written last.ckpt for this very step, at the
         # point Lightning's resume expects; it is kept rather than written again.
-        if not (checkpoint.save_last and self.validated_step == trainer.global_step and path.exists()):
-            trainer.save_checkpoint(path)
-        sys.stderr.write(f"interrupted by {name} after step {trainer.global_step}: saved {path}; ")
-        sys.stderr.write("resume with --ckpt_path last\n")
+        path = self._save(trainer, pl_module) if self.saved_step != trainer.global_step else self._path(trainer)
+        where = f"saved {path}; resume with --ckpt_path last" if path else "nothing saved"
+        sys.stderr.write(f"interrupted by {name} after step {trainer.global_step}: {where}\n")
+
+    @staticmethod
+    def _path(trainer) -> Path | None:
+        checkpoint = next((c for c in trainer.checkpoint_callbacks if isinstance(c, ModelCheckpoint)), None)
+        if checkpoint is None or checkpoint.dirpath is None or not checkpoint.save_last:
+            return None  # no last checkpoints in this run (the study runner turns them off)
+        return Path(checkpoint.dirpath) / f"{checkpoint.CHECKPOINT_NAME_LAST}{checkpoint.FILE_EXTENSION}"
+
+    def _save(self, trainer, pl_module) -> Path | None:
+        if (path := self._path(trainer)) is None or not all(p.isfinite().all() for p in pl_module.parameters()):
+            return None  # NaN weights never replace the last good checkpoint
+        trainer.save_checkpoint(path)
+        self.saved_step = trainer.global_step
+        return path
 
 
 def validates_after_this_step(trainer) -> bool:
     """Whether Lightning runs a validation pass at the end of the training step now ending.
 
-    Lightning's own rule for validation every ``val_check_interval`` steps (the only kind the
-    CLI's configs use): the step's batch number is a multiple of it. Otherwise (validation once
-    an epoch or on a timer) this answers True, and a signal waits for the next validation's end.
+    Lightning's rules for validation every ``val_check_interval`` batches, in the whole run or
+    within epochs. For validation on a timer this answers True: a signal then waits for the next
+    validation's end.
     """
-    interval = trainer.val_check_batch
-    if trainer.check_val_every_n_epoch is not None or not isinstance(interval, int):
+    interval, loop = trainer.val_check_batch, trainer.fit_loop
+    if not trainer.enable_validation:
+        return False
+    if not isinstance(interval, int):
         return True
-    return (trainer.fit_loop.total_batch_idx + 1) % interval == 0
+    if trainer.check_val_every_n_epoch is None:
+        return (loop.total_batch_idx + 1) % interval == 0
+    epoch_due = (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
+    return epoch_due and ((loop.batch_idx + 1) % interval == 0 or loop.epoch_loop.batch_progress.is_last_batch)
 
 
 class RunLock(Callback):
@@ -288,11 +327,15 @@ class RunLock(Callback):
 
     A second ``fit`` into the same folder (two resumes of one run, say) stops with a one-line
     error instead of interleaving its checkpoints and curves with the first's. The lock is the
-    operating system's (``flock``): it goes when the process ends, however it ends.
+    operating system's (``flock``): it goes when the process ends, however it ends. A resumed
+    run's lock is taken by the CLI, before anything is built, and handed over here.
+
+    Args:
+        handle: the open lock file of a lock already taken, or None to take it at setup.
     """
 
-    def __init__(self) -> None:
-        self.handle = None
+    def __init__(self, handle=None) -> None:
+        self.handle = handle
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":

@@ -15,6 +15,7 @@ import torch
 from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.utilities import rank_zero_only
 
 from .callbacks import (
     InterruptCheckpoint,
@@ -71,14 +72,21 @@ class ShakespeareCLI(LightningCLI):
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         self.runtime_settings = {k: config.model.get(k) for k in RUNTIME_SETTINGS}
+        self.run_lock = None
         ckpt_path = subcommand and config.get("ckpt_path")
         if not ckpt_path or ckpt_path == "best":
             return
-        if ckpt_path == "last" and subcommand == "fit":
-            config.ckpt_path = ckpt_path = resume_path(config)
-        if ckpt_path != "last":
-            # Before Lightning reads it (and before anything is written): one line, not a traceback.
-            check_matches(config.model, read_checkpoint(ckpt_path), ckpt_path)
+        if ckpt_path == "last" and subcommand != "fit":
+            raise UserError(f"--ckpt_path last continues a training run; to {subcommand}, give a checkpoint's path")
+        # Before Lightning reads the checkpoint, and before anything is written: one line, not a traceback.
+        run = None
+        if ckpt_path == "last":
+            config.ckpt_path, ckpt, run = resume(config)
+        else:
+            ckpt = read_checkpoint(ckpt_path)
+        check_matches(config.model, ckpt, config.ckpt_path)
+        if run is not None and rank_zero_only.rank == 0:  # the other processes of a run are started by this one
+            self.run_lock = lock_run(run)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -94,25 +102,29 @@ class ShakespeareCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         # The callbacks every run gets; the learning-rate curve only where there is a logger to draw it.
-        self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock()]
+        run_lock = RunLock(self.run_lock)
+        self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(logging_interval="step"), TextSample()]
 
 
-def resume_path(config: Namespace) -> str:
-    """The ``last.ckpt`` of the newest run of this config, for ``fit --ckpt_path last``.
+def resume(config: Namespace):
+    """For ``fit --ckpt_path last``: the newest run's ``last.ckpt``, the checkpoint, and the run's folder.
 
     Lightning looks for ``last.ckpt`` in the logger's *current* version folder, a fresh one for
     every run; so the newest run (the highest ``version_N``, or the logger's fixed version) is
     found here and the logger is pointed at it, and its TensorBoard curves are told to drop
     whatever was logged after the checkpoint (steps a ``kill -9`` lost), so each step stays once.
+    A run that another ``fit`` is writing is refused here; the caller locks the run once every
+    check has passed, before anything is built, so a refused attempt writes nothing.
     """
     dirpath = config.checkpoint.get("dirpath")
     logger = config.trainer.get("logger")
     tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("TensorBoardLogger")
     if dirpath or not tensorboard:
         folder = Path(dirpath or config.trainer.get("default_root_dir") or ".", "" if dirpath else "checkpoints")
-        return str(_last_checkpoint(folder, folder))
+        path = _last_checkpoint(folder, folder)
+        return str(path), read_checkpoint(str(path)), None
     args = logger.init_args
     root = Path(args.save_dir) / (args.get("name") or "")
     if args.get("version") is not None:
@@ -123,12 +135,12 @@ def resume_path(config: Namespace) -> str:
             raise UserError(f"nothing to resume: there is no run under {root}; start one without --ckpt_path")
         run = max(runs, key=lambda p: int(p.name.removeprefix("version_")))
         args.version = run.name
-    handle = lock_run(run, create=False)  # only asks: the run's own fit takes the lock
-    if handle is not None:
-        handle.close()
+    if (probe := lock_run(run, create=False)) is not None:  # only asks
+        probe.close()
     path = _last_checkpoint(run / "checkpoints", run)
-    args.purge_step = read_checkpoint(str(path))["global_step"]
-    return str(path)
+    ckpt = read_checkpoint(str(path))
+    args.purge_step = ckpt["global_step"]
+    return str(path), ckpt, run
 
 
 def _last_checkpoint(folder: Path, run: Path) -> Path:
@@ -192,18 +204,19 @@ def check_matches(model: Namespace, ckpt: dict, path: str) -> None:
         )
 
 
-def build(args: list[str] | dict | None = None, run: bool = False) -> ShakespeareCLI:
+def build(args: list[str] | dict | None = None, run: bool = False, save_config: bool = True) -> ShakespeareCLI:
     """Parse ``args`` as the command line would and build model, data and trainer.
 
     ``run=False`` (the tools' use): no subcommand, nothing run; the caller calls
     ``cli.trainer.fit(cli.model, cli.datamodule)`` itself. ``run=True`` runs the subcommand in
-    ``args``. Bad input raises ``UserError``.
+    ``args``. Bad input raises ``UserError``. ``save_config=False``: no ``config.yaml`` is written
+    (the benchmark's runs keep no logs).
     """
     return ShakespeareCLI(
         ShakespeareGPT,
         ShakespeareDataModule,
         seed_everything_default=1337,
-        save_config_callback=FitConfigSaver,
+        save_config_callback=FitConfigSaver if save_config else None,
         save_config_kwargs={"overwrite": True},
         auto_configure_optimizers=False,
         trainer_defaults={

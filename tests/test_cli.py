@@ -165,3 +165,30 @@ def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(trained, tmp_p
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: {other}/input.txt does not fit the checkpoint: characters not in the model's")
     assert "'!24Z" in err  # the offending characters, by name
+
+
+def test_help_lists_every_architecture_field_with_its_description(capsys):
+    import dataclasses
+
+    from shakespeare_gpt.model import GPTConfig
+
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["fit", "--help"])
+    assert exc.value.code == 0
+    out = " ".join(capsys.readouterr().out.split())  # the help text wraps lines
+    for field in dataclasses.fields(GPTConfig):
+        if field.name != "vocab_size":  # the vocabulary decides it
+            assert f"--model.{field.name} " in out, field.name
+    assert "--model.vocab_size" not in out
+    # GPTConfig's own descriptions, one of them for example:
+    assert "include the linear projection after the concatenated heads" in out
+
+
+def test_validate_with_ckpt_path_last_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["validate", "--ckpt_path=last"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        "error: --ckpt_path last continues a training run; to validate, give a checkpoint's path"
+    ]

@@ -59,10 +59,11 @@ class Pace(Callback):
             self._at("val", trainer.global_step)
 
 
-def start_fit(folder: Path, *extra: str, paced: bool = False) -> subprocess.Popen:
+def start_fit(folder: Path, *extra: str, paced: bool = False, pace: float = 0.05) -> subprocess.Popen:
     args = [*FIT, *extra]
     if paced:
-        args.append("--trainer.callbacks+=" + json.dumps({"class_path": "tests.test_interrupts.Pace"}))
+        pacer = {"class_path": "tests.test_interrupts.Pace", "init_args": {"seconds": pace}}
+        args.append("--trainer.callbacks+=" + json.dumps(pacer))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
         [sys.executable, "-m", "shakespeare_gpt", *args],
@@ -203,7 +204,8 @@ def test_two_resumes_of_one_run_do_not_both_write_into_it(reference, tmp_path):
     killed.kill()
     killed.communicate(timeout=60)
     (folder / "progress").unlink()
-    first = start_fit(folder, "--ckpt_path=last", paced=True)
+    # Slow enough to be still running while a second process starts and reads its arguments.
+    first = start_fit(folder, "--ckpt_path=last", paced=True, pace=0.25)
     wait_for(folder, "train", VAL_EVERY + 1, first)
     second = fit(folder, "--ckpt_path=last")
     assert second.returncode == 1

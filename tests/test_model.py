@@ -200,7 +200,7 @@ def test_split_linear_computes_what_nn_linear_does(two_threads, monkeypatch, sha
     assert not calls and y.requires_grad
 
 
-def test_generation_splits_only_large_matrices_and_puts_the_model_back(two_threads, monkeypatch):
+def test_generation_splits_only_large_matrices_and_puts_the_model_back(two_threads):
     from shakespeare_gpt.sampling import split_matrix_products
 
     model = tiny(n_embd=256, n_head=4, n_layer=1)  # matrices big enough for the split path

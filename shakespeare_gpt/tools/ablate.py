@@ -21,6 +21,7 @@ from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..cli import build
 from ..errors import NonFiniteLossError, UserError
@@ -113,18 +114,22 @@ def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
         for run in todo:
             try:
                 yield run, execute(study, run, study_dir)
-            except KeyboardInterrupt:
+            except SIGTERMException:  # Ctrl-C or SIGTERM: the study stops (the run saves nothing)
                 raise
-            except BaseException as e:
+            except (Exception, SystemExit) as e:  # a broken point (a bad config exits 2) is recorded
                 yield run, e
         return
     threads = max(1, (os.cpu_count() or 1) // jobs)
     ctx = multiprocessing.get_context("spawn")
     with ProcessPoolExecutor(jobs, mp_context=ctx, initializer=_init_worker, initargs=(threads,)) as pool:
         futures = {pool.submit(execute, study, run, study_dir): run for run in todo}
-        for future in as_completed(futures):
-            error = future.exception()
-            yield futures[future], error if error is not None else future.result()
+        try:
+            for future in as_completed(futures):
+                error = future.exception()
+                yield futures[future], error if error is not None else future.result()
+        except KeyboardInterrupt:
+            pool.shutdown(cancel_futures=True)  # runs not started yet are dropped; a rerun resumes
+            raise
 
 
 def run_study(study: Study, study_dir: Path, jobs: int) -> list[dict]:

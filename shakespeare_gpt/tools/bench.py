@@ -24,7 +24,6 @@ import json
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -46,11 +45,15 @@ class StepTimer(Callback):
         self.warmup, self.steps = warmup, steps
         self.start = self.end = 0.0
 
-    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.global_step in (self.warmup, self.warmup + self.steps):
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup:
             _sync(pl_module.device)
-            now = time.perf_counter()
-            self.start, self.end = (now, self.end) if trainer.global_step == self.warmup else (self.start, now)
+            self.start = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.global_step == self.warmup + self.steps:
+            _sync(pl_module.device)
+            self.end = time.perf_counter()
 
     @property
     def step_seconds(self) -> float:
@@ -66,7 +69,6 @@ def build_run(config: str, extra: list[str], max_steps: int):
     """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
     args = [
         f"--config={config}",
-        f"--trainer.default_root_dir={tempfile.mkdtemp(prefix='bench_')}",  # where fit saves its config.yaml
         *extra,
         f"--trainer.max_steps={max_steps}",
         "--trainer.limit_val_batches=0",
@@ -75,7 +77,7 @@ def build_run(config: str, extra: list[str], max_steps: int):
         "--checkpoint.save_top_k=0",
         "--checkpoint.save_last=false",
     ]
-    return build(args)
+    return build(args, save_config=False)
 
 
 def time_lightning(config: str, extra: list[str], steps: int, warmup: int) -> float:
@@ -129,12 +131,8 @@ def time_fit(config: str, extra: list[str]) -> dict:
     t = time.perf_counter()
     cli = build(args, run=True)  # the progress bar stays as the config has it
     wall = time.perf_counter() - t
-    return {
-        "wall_s": wall,
-        "best_val_loss": float(cli.trainer.checkpoint_callback.best_model_score),
-        "last_val_loss": float(cli.trainer.callback_metrics["val/loss"]),
-        "log_dir": cli.trainer.log_dir,
-    }
+    best = cli.trainer.checkpoint_callback.best_model_score
+    return {"wall_s": wall, "best_val_loss": None if best is None else float(best), "log_dir": cli.trainer.log_dir}
 
 
 def time_generate(config: str, extra: list[str], tokens: int, repeats: int) -> dict:
@@ -188,7 +186,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=100, help="timed training steps per repeat")
     parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
     parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fit-repeats", type=int, default=1, help="whole fit runs (each a fresh process)")
+    parser.add_argument("--fit-repeats", type=int, default=1, help="whole fit runs, one after another")
     parser.add_argument("--gen-tokens", type=int, default=1000)
     parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
     opts, extra = parser.parse_known_args(argv)
@@ -257,7 +255,8 @@ def table(result: dict) -> str:
         ]
     if f := result.get("fit"):
         each = ", ".join(f"{w:.1f}" for w in f["wall_s_each"])
-        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s (median of {each}), best val loss {f['best_val_loss']:.4f}")]
+        best = "none (no validation)" if f["best_val_loss"] is None else f"{f['best_val_loss']:.4f}"
+        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s (median of {each}), best val loss {best}")]
     if g := result.get("generate"):
         rows += [
             ("generate, KV cache", f"{g['cached']:,.1f} tok/s"),
