@@ -170,3 +170,12 @@ def test_lr_sensitivity_and_gap_verdicts():
     by_number = {v.number: v for v in verdicts(aggregate(data))}
     assert by_number[2].verdict == "supported"  # 4 heads vary 0.02 over the lr grid, 1 head 0.30
     assert by_number[3].verdict == "supported"  # gap 0.02 vs 0.10
+
+
+def test_report_only_without_finished_runs_is_one_line(smoke_study, tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main([str(smoke_study), "--report-only", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines() == [
+        f"error: no finished runs of smoke under {tmp_path / 'logs' / 'smoke'}: run the study first"
+    ]

@@ -170,6 +170,8 @@ def main(argv: list[str] | None = None) -> None:
         if opts.report_only:
             runs = [r for r in study.runs() if finished(study, r, study_dir)]
             results = [json.loads((r.folder(study_dir) / "result.json").read_text()) for r in runs]
+            if not results:
+                raise UserError(f"no finished runs of {study.name} under {study_dir}: run the study first")
         else:
             results = run_study(study, study_dir, opts.jobs)
         out = write_report(study, results, Path(opts.report or f"reports/{study.name}"))
