@@ -192,3 +192,10 @@ def test_validate_with_ckpt_path_last_is_refused_in_one_line(tmp_path, monkeypat
     assert capsys.readouterr().err.strip().splitlines() == [
         "error: --ckpt_path last continues a training run; to validate, give a checkpoint's path"
     ]
+
+
+def test_last_checkpoint_holds_the_final_step_when_it_was_not_a_validation_step(corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 5))  # validations at steps 2 and 4, the run ends at 5
+    ckpt = torch.load(tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+    assert ckpt["global_step"] == 5
