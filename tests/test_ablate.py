@@ -44,7 +44,7 @@ def smoke_study(corpus_dir, tmp_path):
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "x"}},
         },
         "model": {"block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16, "sample_tokens": 0},
-        "data": {"data_dir": str(corpus_dir), "sha256": None, "batch_size": 4, "eval_train": True},
+        "data": {"corpus": str(corpus_dir / "input.txt"), "batch_size": 4, "eval_train": True},
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     study = {
@@ -114,7 +114,7 @@ def test_study_naming_a_missing_config_is_refused(tmp_path):
     (tmp_path / "study.yaml").write_text(
         yaml.safe_dump({"name": "s", "base": "nope.yaml", "variants": {}, "learning_rates": [1e-3], "seeds": [0]})
     )
-    with pytest.raises(UserError, match="nope.yaml, which does not exist"):
+    with pytest.raises(UserError, match=r"base nope.yaml: .*nope.yaml does not exist"):
         Study.load(tmp_path / "study.yaml")
 
 

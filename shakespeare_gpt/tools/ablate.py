@@ -10,7 +10,6 @@ interrupted study resumes where it stopped. The report is written at the end (se
 
 from __future__ import annotations
 
-import argparse
 import json
 import multiprocessing
 import os
@@ -25,6 +24,7 @@ from lightning.pytorch.utilities.exceptions import SIGTERMException
 
 from ..cli import build
 from ..errors import NonFiniteLossError, UserError
+from .checks import ToolParser, cli_refusal, fail, whole, writable_place
 from .report import write_report
 from .study import Run, Study
 
@@ -132,6 +132,16 @@ def _outcomes(study: Study, todo: list[Run], study_dir: Path, jobs: int):
             raise
 
 
+def check_variants(study: Study, study_path: str, study_dir: Path) -> None:
+    """Refuse the study when the CLI refuses a variant's configs and args (parsed only, nothing run)."""
+    for variant in study.variants:
+        args = study.run_args(Run(variant, study.learning_rates[0], study.seeds[0]), study_dir)
+        if why := cli_refusal(args):
+            configs = ", ".join(str(c) for c in [study.base, *study.variants[variant]])
+            extra = f" with args {' '.join(study.args)}" if study.args else ""
+            raise UserError(f"study file {study_path}: variant {variant} ({configs}{extra}): the CLI refuses it: {why}")
+
+
 def run_study(study: Study, study_dir: Path, jobs: int) -> list[dict]:
     """Run every point that has no ``result.json`` yet, ``jobs`` at a time; return all results."""
     todo = [r for r in study.runs() if not finished(study, r, study_dir)]
@@ -156,28 +166,47 @@ def run_study(study: Study, study_dir: Path, jobs: int) -> list[dict]:
     return [json.loads((r.folder(study_dir) / "result.json").read_text()) for r in study.runs()]
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+DESCRIPTION = (
+    "Run an ablation study of shakespeare-gpt, the char-level GPT: every variant x learning rate x seed of a "
+    "study file is one fit, logged to TensorBoard, and a report (Markdown and plots) compares them."
+)
+
+
+def parser() -> ToolParser:
+    parser = ToolParser(
+        prog="python -m shakespeare_gpt.tools.ablate",
+        description=DESCRIPTION,
+        epilog="A finished run is never run again: run the same command to resume an interrupted study.",
+    )
     parser.add_argument("study", help="study YAML, e.g. configs/ablations/seed_study.yaml")
-    parser.add_argument("--jobs", type=int, default=2, help="runs in parallel (each gets cores / jobs threads)")
-    parser.add_argument("--logs", default="lightning_logs/ablations", help="folder of the study's TensorBoard runs")
+    jobs = whole("--jobs", 1, "the number of runs in parallel", example=2)
+    parser.add_argument("--jobs", type=jobs, default=2, help="runs in parallel, each with cores/jobs threads")
+    parser.add_argument(
+        "--logs", default="lightning_logs/ablations", help="folder of the studies' TensorBoard runs, one subfolder each"
+    )
     parser.add_argument("--report", help="report folder (default: reports/<study name>)")
     parser.add_argument("--report-only", action="store_true", help="write the report from finished runs")
-    opts = parser.parse_args(argv)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
     try:
+        # Every flag and field is checked here, before a run starts or a folder is made.
+        opts = parser().parse_args(argv)
         study = Study.load(opts.study)
-        study_dir = Path(opts.logs) / study.name
+        study_dir = writable_place("--logs", opts.logs, "folder", inside=study.name)
+        report_dir = writable_place("--report", opts.report or f"reports/{study.name}", "folder")
         if opts.report_only:
             runs = [r for r in study.runs() if finished(study, r, study_dir)]
             results = [json.loads((r.folder(study_dir) / "result.json").read_text()) for r in runs]
             if not results:
                 raise UserError(f"no finished runs of {study.name} under {study_dir}: run the study first")
         else:
+            check_variants(study, opts.study, study_dir)
             results = run_study(study, study_dir, opts.jobs)
-        out = write_report(study, results, Path(opts.report or f"reports/{study.name}"))
+        out = write_report(study, results, report_dir)
     except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
-        raise SystemExit(1) from None
+        fail(e)
     print(f"report: {out}")
 
 

@@ -32,8 +32,10 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ..cli import build
+from ..errors import UserError
 from ..lightning_module import ShakespeareGPT
 from ..sampling import generate
+from .checks import ToolParser, cli_refusal, did_you_mean, fail, show, whole, writable_place
 
 SECTIONS = ("train", "fit", "generate")
 
@@ -65,9 +67,9 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def build_run(config: str, extra: list[str], max_steps: int):
-    """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
-    args = [
+def run_args(config: str, extra: list[str], max_steps: int) -> list[str]:
+    """The arguments of ``fit --config``, minus validation, logs and checkpoints."""
+    return [
         f"--config={config}",
         *extra,
         f"--trainer.max_steps={max_steps}",
@@ -77,7 +79,11 @@ def build_run(config: str, extra: list[str], max_steps: int):
         "--checkpoint.save_top_k=0",
         "--checkpoint.save_last=false",
     ]
-    return build(args, save_config=False)
+
+
+def build_run(config: str, extra: list[str], max_steps: int):
+    """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
+    return build(run_args(config, extra, max_steps), save_config=False)
 
 
 def time_lightning(config: str, extra: list[str], steps: int, warmup: int) -> float:
@@ -171,25 +177,97 @@ def _cpuinfo() -> list[str]:
 
 
 def _sections(value: str) -> set[str]:
-    sections = set(value.split(","))
-    if unknown := sections - set(SECTIONS):
-        raise argparse.ArgumentTypeError(f"unknown section(s) {', '.join(sorted(unknown))}; choose from {SECTIONS}")
+    sections = {part.strip() for part in value.split(",")}
+    for part in sorted(sections):
+        if part not in SECTIONS:
+            raise argparse.ArgumentTypeError(
+                f"--sections {show(value)}: unknown section {show(part)}{did_you_mean(part, SECTIONS)}; "
+                f"give one or more of {', '.join(SECTIONS)}, comma-separated (e.g. --sections train,generate)"
+            )
     return sections
 
 
-def main(argv: list[str] | None = None) -> dict:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], epilog="Other arguments go to the CLI.")
-    parser.add_argument("--config", required=True)
-    parser.add_argument(
-        "--sections", default=",".join(SECTIONS), type=_sections, help="comma-separated: train, fit, generate"
+DESCRIPTION = (
+    "Benchmark shakespeare-gpt, the char-level GPT, on one config: training step time through Lightning and "
+    "through a bare PyTorch loop, a whole fit, and sampling with and without the KV cache."
+)
+
+
+def parser() -> ToolParser:
+    parser = ToolParser(
+        prog="python -m shakespeare_gpt.tools.bench",
+        description=DESCRIPTION,
+        epilog="Other arguments go to the CLI, e.g. --trainer.accelerator cpu or --model.compile true.",
     )
-    parser.add_argument("--steps", type=int, default=100, help="timed training steps per repeat")
-    parser.add_argument("--warmup", type=int, default=20, help="untimed steps first (compilation, caches)")
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--fit-repeats", type=int, default=1, help="whole fit runs, one after another")
-    parser.add_argument("--gen-tokens", type=int, default=1000)
+    parser.add_argument("--config", required=True, action="append", help="fit config, e.g. configs/cpu.yaml")
+    parser.add_argument(
+        "--sections", default=",".join(SECTIONS), type=_sections, help=f"comma-separated: {', '.join(SECTIONS)}"
+    )
+    parser.add_argument(
+        "--steps", type=whole("--steps", 1, "the timed steps", 100), default=100, help="timed training steps per repeat"
+    )
+    parser.add_argument(
+        "--warmup",
+        type=whole("--warmup", 0, "the untimed steps", 20),
+        default=20,
+        help="untimed steps first (compilation, caches)",
+    )
+    parser.add_argument(
+        "--repeats",
+        type=whole("--repeats", 1, "the number of repeats", 3),
+        default=3,
+        help="repeats of the train and generate timings (their medians are reported)",
+    )
+    parser.add_argument(
+        "--fit-repeats",
+        type=whole("--fit-repeats", 1, "the number of whole fits", 1),
+        default=1,
+        help="whole fit runs, one after another",
+    )
+    parser.add_argument(
+        "--gen-tokens",
+        type=whole("--gen-tokens", 1, "the number of tokens", 1000),
+        default=1000,
+        help="tokens sampled per generate timing",
+    )
     parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
-    opts, extra = parser.parse_known_args(argv)
+    return parser
+
+
+def check(opts: argparse.Namespace, extra: list[str]) -> Path:
+    """Refuse bad input before anything runs; return the JSON file's path."""
+    if len(opts.config) > 1:
+        raise UserError(
+            f"--config given {len(opts.config)} times ({', '.join(opts.config)}): the benchmark takes one config; "
+            "give changes to it as CLI arguments, e.g. --model.n_layer=2"
+        )
+    opts.config = config = opts.config[0]
+    if not Path(config).is_file():
+        what = "is a folder" if Path(config).is_dir() else "does not exist"
+        raise UserError(f"--config {config}: {what}; give a fit config file, e.g. --config configs/cpu.yaml")
+    out = writable_place("--out", opts.out or f"lightning_logs/bench/{Path(config).stem}.json", "file")
+    if why := cli_refusal(run_args(config, extra, 1)):
+        ours = [a.option_strings[-1] for a in parser()._actions if a.option_strings]
+        for arg in extra:  # a misspelt flag of ours went to the CLI
+            name = arg.split("=", 1)[0]
+            if name.startswith("--") and "." not in name and (hint := did_you_mean(name, ours)):
+                raise UserError(f"{name}: not a benchmark flag{hint}, and the CLI refuses it: {why}")
+        shown = f"--config {config}" + (f" with {' '.join(extra)}" if extra else "")
+        raise UserError(f"{shown}: the CLI refuses it: {why}")
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict:
+    try:
+        # Every flag is checked here, and the CLI's arguments parsed, before a step runs or a file is written.
+        opts, extra = parser().parse_known_args(argv)
+        out = check(opts, extra)
+        return bench(opts, extra, out)
+    except UserError as e:
+        fail(e)
+
+
+def bench(opts: argparse.Namespace, extra: list[str], out: Path) -> dict:
     sections = opts.sections
     result: dict = {"config": opts.config, "extra_args": extra, "machine": machine()}
 
@@ -228,7 +306,6 @@ def main(argv: list[str] | None = None) -> dict:
     if "generate" in sections:
         result["generate"] = time_generate(opts.config, extra, opts.gen_tokens, opts.repeats)
 
-    out = Path(opts.out or f"lightning_logs/bench/{Path(opts.config).stem}.json")
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=2) + "\n")
     print(table(result))

@@ -3,12 +3,29 @@
 from __future__ import annotations
 
 import hashlib
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import yaml
 
 from ..errors import UserError
+from .checks import did_you_mean, show
+
+FIELDS = ("name", "base", "variants", "learning_rates", "seeds", "args")  # args is optional
+EXAMPLE = "configs/ablations/seed_study.yaml"
+# A study name and a variant name each name a folder: no separators, no "." or ".." or "-x" (a flag).
+FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
+FOLDER_RULE = "letters, digits, '_', '-' and '.', starting with a letter, digit or '_'"
+# What the study sets for each run (``run_args``): the same flag in ``args`` would be silently overridden.
+RESERVED = {
+    "--model.learning_rate": "each run's comes from learning_rates",
+    "--seed_everything": "each run's comes from seeds",
+    "--trainer.logger": "the study logs each run under --logs",
+    "--checkpoint.save_top_k": "the study keeps numbers, not checkpoints",
+    "--checkpoint.save_last": "the study keeps numbers, not checkpoints",
+}
 
 
 @dataclass
@@ -24,30 +41,28 @@ class Study:
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
+        """Read and check a study file: a one-line ``UserError`` names the file, the field and the value."""
         path = Path(path)
-        try:
-            raw = yaml.safe_load(path.read_text())
-        except OSError as e:
-            raise UserError(f"cannot read study file {path}: {e.strerror}") from None
-        missing = {"name", "base", "variants", "learning_rates", "seeds"} - set(raw or {})
+        raw = _read(path)
+        where = f"study file {path}"
+        for key in raw:
+            if key not in FIELDS:
+                raise UserError(
+                    f"{where}: unknown field {show(key)}{did_you_mean(str(key), FIELDS)}; "
+                    f"the fields are {', '.join(FIELDS)}"
+                )
+        missing = [f for f in FIELDS if f != "args" and f not in raw]
         if missing:
-            raise UserError(
-                f"study file {path} lacks {', '.join(sorted(missing))}: see configs/ablations/seed_study.yaml"
-            )
+            raise UserError(f"{where} lacks {', '.join(missing)}: see {EXAMPLE}")
         here = path.parent
-        variants = {name: [here / f for f in (files or [])] for name, files in raw["variants"].items()}
-        study = cls(
-            name=raw["name"],
-            base=here / raw["base"],
-            variants=variants,
-            learning_rates=[float(lr) for lr in raw["learning_rates"]],
-            seeds=[int(s) for s in raw["seeds"]],
-            args=[str(a) for a in raw.get("args", [])],
+        return cls(
+            name=_folder_name(where, "name", raw["name"], "name: seed_study"),
+            base=_config(where, "base", raw["base"], here),
+            variants=_variants(where, raw["variants"], here),
+            learning_rates=_learning_rates(where, raw["learning_rates"]),
+            seeds=_seeds(where, raw["seeds"]),
+            args=_args(where, raw.get("args")),
         )
-        for config in [study.base, *(f for files in variants.values() for f in files)]:
-            if not config.is_file():
-                raise UserError(f"study file {path} names {config}, which does not exist")
-        return study
 
     def runs(self) -> list[Run]:
         return [Run(v, lr, s) for v in self.variants for lr in self.learning_rates for s in self.seeds]
@@ -91,3 +106,151 @@ class Run:
 
     def folder(self, study_dir: Path) -> Path:
         return study_dir / self.variant / self.version
+
+
+def _read(path: Path) -> dict:
+    """The study file's top-level mapping, or a one-line ``UserError`` naming what is wrong with the file."""
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise UserError(f"study file {path} does not exist: give the path of a study YAML, e.g. {EXAMPLE}") from None
+    except IsADirectoryError:
+        raise UserError(f"study file {path} is a folder: give the path of a study YAML, e.g. {EXAMPLE}") from None
+    except OSError as e:
+        raise UserError(f"cannot read study file {path}: {e.strerror}") from None
+    except UnicodeDecodeError:
+        raise UserError(f"study file {path} is not UTF-8 text: give a study YAML, e.g. {EXAMPLE}") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"study file {path} is not valid YAML{at}: {problem}; see {EXAMPLE}") from None
+    if raw is None:
+        raise UserError(
+            f"study file {path} is empty: a study needs name, base, variants, learning_rates and seeds; see {EXAMPLE}"
+        )
+    if not isinstance(raw, dict):
+        raise UserError(
+            f"study file {path} holds {show(raw)}, not a mapping of fields "
+            f"(name: ..., base: ..., variants: ..., learning_rates: ..., seeds: ...); see {EXAMPLE}"
+        )
+    return raw
+
+
+def _folder_name(where: str, field: str, value: object, example: str) -> str:
+    if isinstance(value, str) and FOLDER_NAME.fullmatch(value):
+        return value
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        quoted = f'{field}: "{value}"' if field == "name" else f'"{value}": [...]'
+        raise UserError(f"{where}: {field} {show(value)}: write it as text in quotes, e.g. {quoted}")
+    raise UserError(f"{where}: {field} {show(value)} is not usable as a folder name: use {FOLDER_RULE}, e.g. {example}")
+
+
+def _config(where: str, field: str, value: object, here: Path) -> Path:
+    """A config file named in the study, resolved against the study file's folder; it must exist."""
+    if not isinstance(value, str) or not value.strip():
+        raise UserError(
+            f"{where}: {field} {show(value)}: give a config file's path (relative to the study file's folder), "
+            "e.g. seed_scale.yaml"
+        )
+    config = here / value
+    if not config.exists():
+        raise UserError(
+            f"{where}: {field} {show(value)}: {config} does not exist; "
+            f"give a config file's path relative to the study file's folder ({here})"
+        )
+    if not config.is_file():
+        raise UserError(f"{where}: {field} {show(value)}: {config} is a folder; give a config file's path")
+    return config
+
+
+def _variants(where: str, value: object, here: Path) -> dict[str, list[Path]]:
+    example = "variants: {baseline: [], no_dropout: [no_dropout.yaml]}"
+    if not isinstance(value, dict):
+        raise UserError(
+            f"{where}: variants {show(value)}: give a mapping of variant names to lists of override configs, "
+            f"e.g. {example}"
+        )
+    if not value:
+        raise UserError(f"{where}: variants {{}} is empty: give at least one variant, e.g. {example}")
+    variants = {}
+    for name, files in value.items():
+        name = _folder_name(where, "variant name", name, "no_dropout")
+        field = f"variants.{name}"
+        if isinstance(files, str):
+            raise UserError(f"{where}: {field} {show(files)} is a single value: write a list, e.g. {name}: [{files}]")
+        if files is None:
+            files = []  # the base config alone
+        if not isinstance(files, list):
+            raise UserError(
+                f"{where}: {field} {show(files)}: give a list of override configs, e.g. {name}: [{name}.yaml], "
+                "or [] for the base config alone"
+            )
+        variants[name] = [_config(where, field, f, here) for f in files]
+    return variants
+
+
+def _learning_rates(where: str, value: object) -> list[float]:
+    example = "learning_rates: [1e-3, 3e-3]"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        raise UserError(
+            f"{where}: learning_rates {show(value)} is a single value: write a list, "
+            f"e.g. learning_rates: [{show(value)}]"
+        )
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: learning_rates {show(value)}: give a list of positive numbers, e.g. {example}")
+    rates, seen = [], {}
+    for item in value:
+        try:  # PyYAML reads 1e-3 (no dot) as text: that is a number too
+            lr = float(item) if isinstance(item, (str, int, float)) and not isinstance(item, bool) else math.nan
+        except ValueError:
+            lr = math.nan
+        if not (math.isfinite(lr) and lr > 0):
+            raise UserError(f"{where}: learning_rates item {show(item)}: give a positive finite number, e.g. {example}")
+        if f"{lr:g}" in seen:  # runs are told apart by the lr's 6 significant digits (Run.version)
+            raise UserError(
+                f"{where}: learning_rates {show(value)} lists {show(seen[f'{lr:g}'])} and {show(item)}, "
+                f"which are the same run (lr{lr:g}): list each learning rate once"
+            )
+        seen[f"{lr:g}"] = item
+        rates.append(lr)
+    return rates
+
+
+def _seeds(where: str, value: object) -> list[int]:
+    example = "seeds: [0, 1, 2]"
+    if isinstance(value, (str, int, float)) and not isinstance(value, bool):
+        raise UserError(f"{where}: seeds {show(value)} is a single value: write a list, e.g. seeds: [{show(value)}]")
+    if not isinstance(value, list) or not value:
+        raise UserError(f"{where}: seeds {show(value)}: give a list of whole numbers, e.g. {example}")
+    for seed in value:
+        if not isinstance(seed, int) or isinstance(seed, bool) or not 0 <= seed < 2**32:
+            raise UserError(
+                f"{where}: seeds item {show(seed)}: give a whole number from 0 to {2**32 - 1}, e.g. {example}"
+            )
+    if len(set(value)) < len(value):
+        repeated = next(s for s in value if value.count(s) > 1)
+        raise UserError(f"{where}: seeds {show(value)} lists {repeated} twice: list each seed once")
+    return list(value)
+
+
+def _args(where: str, value: object) -> list[str]:
+    example = 'args: ["--trainer.max_steps=5000"]'
+    if value is None:
+        return []
+    if isinstance(value, str):
+        raise UserError(f"{where}: args {show(value)} is a single value: write a list, e.g. args: [{show(value)}]")
+    if not isinstance(value, list):
+        raise UserError(f"{where}: args {show(value)}: give a list of command-line arguments, e.g. {example}")
+    for arg in value:
+        if not isinstance(arg, str):
+            raise UserError(f"{where}: args item {show(arg)}: write each argument as text in quotes, e.g. {example}")
+        flag = arg.split("=", 1)[0]
+        for reserved, why in RESERVED.items():
+            if flag == reserved or flag.startswith(reserved + "."):
+                raise UserError(
+                    f"{where}: args item {show(arg)} sets {reserved}, which the study sets ({why}): drop it"
+                )
+    return list(value)
