@@ -86,10 +86,40 @@ class TextSample(Callback):
         ):
             return
         g = torch.Generator(device=pl_module.device).manual_seed(0)
-        start = torch.tensor([pl_module.tokenizer.encode("\n")], device=pl_module.device)
+        vocab = pl_module.tokenizer.vocab
+        first = "\n" if "\n" in vocab else vocab[0]  # a line start, where the corpus has lines
+        start = torch.tensor([pl_module.tokenizer.encode(first)], device=pl_module.device)
         text = pl_module.tokenizer.decode(pl_module.generate(start, tokens, generator=g)[0].tolist())
         # Four leading spaces make TensorBoard's markdown keep the line breaks.
         logger.experiment.add_text("sample", "\n".join("    " + line for line in text.split("\n")), trainer.global_step)
+
+
+class TensorBoard(TensorBoardLogger):
+    """Lightning's TensorBoard logger, laid out for this project.
+
+    The Custom Scalars tab draws train and val loss on one chart, then the learning rate and the
+    throughput; the Scalars tab has no ``epoch`` chart (an "epoch" here is only the sampler's
+    length, and Lightning adds that chart to every logger).
+    """
+
+    LAYOUT = {
+        "Loss": {
+            "train and val loss (nats per character)": ["Multiline", [r"^(train|val|train_eval)/loss$"]],
+            "val bits per character": ["Multiline", [r"^val/bpc$"]],
+        },
+        "Training": {
+            "learning rate": ["Multiline", [r"^train/lr"]],
+            "throughput (tokens/s)": ["Multiline", [r"^perf/tokens_per_s$"]],
+            "model FLOPs utilisation": ["Multiline", [r"^perf/mfu$"]],
+        },
+    }
+
+    def log_hyperparams(self, params, metrics=None) -> None:  # called once when a fit starts
+        super().log_hyperparams(params, metrics)
+        self.experiment.add_custom_scalars(self.LAYOUT)
+
+    def log_metrics(self, metrics: dict, step: int | None = None) -> None:
+        super().log_metrics({k: v for k, v in metrics.items() if k != "epoch"}, step)
 
 
 class Throughput(Callback):

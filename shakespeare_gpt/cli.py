@@ -7,15 +7,22 @@ get exactly the model, data and trainer a command would, then run and read them 
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import functools
 import inspect
+import os
+import re
 import sys
+import tempfile
 from pathlib import Path
 
+import lightning as L
 import torch
-from jsonargparse import Namespace
+from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from .callbacks import (
     InterruptCheckpoint,
@@ -31,10 +38,72 @@ from .data import ShakespeareDataModule
 from .errors import UserError
 from .lightning_module import ShakespeareGPT
 from .model import GPTConfig
+from .sampling import Sampling
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
 RUNTIME_SETTINGS = ("compile", "sample_tokens")
-CHECKPOINT_HINT = "give the path of a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt"
+CHECKPOINT_HINT = (
+    "give a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt, "
+    "or a run folder, e.g. lightning_logs/cpu, for its newest run's best checkpoint"
+)
+PROG = "shakespeare-gpt"
+DESCRIPTION = (
+    "shakespeare-gpt: train a character-level GPT written from scratch (on tiny Shakespeare, bundled, or any "
+    "text), follow it in TensorBoard, and sample from its checkpoints. Quick start: "
+    "shakespeare-gpt fit --config configs/cpu.yaml"
+)
+
+
+def described(method, doc: str):
+    """``method`` with another docstring: the one-sentence description ``--help`` shows for a subcommand."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        return method(self, *args, **kwargs)
+
+    wrapper.__doc__ = doc
+    return wrapper
+
+
+class Trainer(L.Trainer):
+    """Lightning's ``Trainer``; only the subcommands' descriptions in ``--help`` are this project's."""
+
+    fit = described(
+        L.Trainer.fit,
+        """Train a model, from scratch or resumed; logs and checkpoints go under lightning_logs/.
+
+        Args:
+            ckpt_path: ``last`` resumes the newest run of this config where it stopped; or a .ckpt file.
+            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
+        """,
+    )
+    validate = described(
+        L.Trainer.validate,
+        """Report a checkpoint's loss and bits per character on the val split.
+
+        Args:
+            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
+        """,
+    )
+    test = described(
+        L.Trainer.test,
+        """The same as validate, logged as test/loss: tiny Shakespeare has no separate test split.
+
+        Args:
+            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
+        """,
+    )
+    predict = described(
+        L.Trainer.predict,
+        """Sample text from a checkpoint: printed, and written to --writer.path.
+
+        Args:
+            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
+        """,
+    )
 
 
 class FitConfigSaver(SaveConfigCallback):
@@ -46,47 +115,102 @@ class FitConfigSaver(SaveConfigCallback):
 
 
 class ShakespeareCLI(LightningCLI):
+    def __init__(self, *args, **kwargs) -> None:
+        self.parsers: dict[str, LightningArgumentParser] = {}  # each subcommand's, for "did you mean"
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
-        # Best (lowest val loss) and last checkpoints of every run, under its log folder. Without
-        # the version counter, a resumed run overwrites last.ckpt instead of writing last-v1.ckpt.
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
-        parser.set_defaults(
-            {
-                "checkpoint.monitor": "val/loss",
-                "checkpoint.mode": "min",
-                "checkpoint.save_last": True,
-                "checkpoint.filename": "best-step{step}-val{val/loss:.4f}",
-                "checkpoint.auto_insert_metric_name": False,
-                "checkpoint.enable_version_counter": False,
-            }
-        )
-        parser.add_lightning_class_args(SampleWriter, "writer")
-        parser.add_lightning_class_args(Throughput, "throughput")
+        # build() names each subcommand's parser "shakespeare-gpt <subcommand>"; without subcommands
+        # (the tools' use of build) the one parser is for fit.
+        subcommand = parser.prog.split()[-1] if parser.prog.split()[-1] in self.subcommands() else "fit"
+        self.parsers[subcommand] = parser
         # One source of truth for the context length: the model's.
         parser.link_arguments("model.block_size", "data.block_size")
         # The data decides the vocabulary; the model stores it, so a checkpoint can decode alone.
         parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        if subcommand == "fit":
+            # Best (lowest val loss) and last checkpoints of every run, under its log folder. Without
+            # the version counter, a resumed run overwrites last.ckpt instead of writing last-v1.ckpt.
+            parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+            parser.set_defaults(
+                {
+                    "checkpoint.monitor": "val/loss",
+                    "checkpoint.mode": "min",
+                    "checkpoint.save_last": True,
+                    "checkpoint.filename": "best-step{step}-val{val/loss:.4f}",
+                    "checkpoint.auto_insert_metric_name": False,
+                    "checkpoint.enable_version_counter": False,
+                }
+            )
+            parser.add_lightning_class_args(Throughput, "throughput")
+        if subcommand == "predict":
+            parser.add_class_arguments(Sampling, "sample")
+            parser.add_lightning_class_args(SampleWriter, "writer")
 
     def parse_arguments(self, parser: LightningArgumentParser, args) -> None:
-        super().parse_arguments(parser, args)
+        try:
+            super().parse_arguments(parser, args)
+        except ArgumentError as e:
+            raise UserError(self.explain(e, args)) from None
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
         self.runtime_settings = {k: config.model.get(k) for k in RUNTIME_SETTINGS}
         self.run_lock = None
+        check_device(config.trainer)
+        if subcommand in ("fit", None):
+            check_fit(config)
+        if subcommand == "predict":
+            check_writable(Path(config.writer.path), "--writer.path", folder=False)
+            if not config.get("ckpt_path"):
+                raise UserError(f"predict samples from a trained model: add --ckpt_path ({CHECKPOINT_HINT})")
         ckpt_path = subcommand and config.get("ckpt_path")
         if not ckpt_path or ckpt_path == "best":
             return
         if ckpt_path == "last" and subcommand != "fit":
-            raise UserError(f"--ckpt_path last continues a training run; to {subcommand}, give a checkpoint's path")
+            raise UserError(
+                f"--ckpt_path last continues a training run; to {subcommand}, give a checkpoint or a run folder "
+                "(e.g. lightning_logs/cpu)"
+            )
         # Before Lightning reads the checkpoint, and before anything is written: one line, not a traceback.
         run = None
         if ckpt_path == "last":
             config.ckpt_path, ckpt, run = resume(config)
         else:
-            ckpt = read_checkpoint(ckpt_path)
+            if subcommand != "fit" and Path(ckpt_path).is_dir():
+                config.ckpt_path = str(best_checkpoint(Path(ckpt_path)))
+                print(f"checkpoint: {config.ckpt_path}", file=sys.stderr)
+            ckpt = read_checkpoint(config.ckpt_path)
         check_matches(config.model, ckpt, config.ckpt_path)
         if run is not None and rank_zero_only.rank == 0:  # the other processes of a run are started by this one
             self.run_lock = lock_run(run)
+
+    def explain(self, error: ArgumentError, args) -> str:
+        """jsonargparse's error in one line, with the closest known option where one is close."""
+        message = " ".join(str(error).split())
+        argv = list(args) if isinstance(args, list) else sys.argv[1:]
+        subcommand = next((a for a in argv if a in self.parsers), None)
+        if len(self.parsers) == 1:  # no subcommands
+            subcommand = next(iter(self.parsers))
+        unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+        unknown += re.findall(r"does not accept options? '([\w.]+)'", message)
+        if "invalid choice" in message and (close := difflib.get_close_matches(argv[0], self.parsers, n=1)):
+            return f"{message}; did you mean {close[0]}?"
+        if subcommand is None or not unknown:
+            return message
+        known = list(self.parsers[subcommand].get_defaults().keys())
+        hints = []
+        for key in unknown:
+            close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
+            if not close:  # a misspelt field under the right group: compare field names alone
+                group, _, field = key.rpartition(".")
+                fields = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
+                close = [f"{group}.{f}" for f in difflib.get_close_matches(field, fields, n=1, cutoff=0.6)]
+            if close:
+                hints.append(f"did you mean --{close[0]}?")
+            elif key.rpartition(".")[2] in {f.name for f in dataclasses.fields(Sampling)}:
+                hints.append(f"sampling settings are --sample.{key.rpartition('.')[2]}, given to predict")
+        help_hint = f"see {PROG} {subcommand} --help"
+        return f"{message}; {' '.join(hints) or help_hint}"
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -102,10 +226,118 @@ class ShakespeareCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         # The callbacks every run gets; the learning-rate curve only where there is a logger to draw it.
+        check_memory(config, self.subcommand)
         run_lock = RunLock(self.run_lock)
         self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(logging_interval="step"), TextSample()]
+
+    def before_predict(self) -> None:
+        self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings
+
+
+def check_device(trainer: Namespace) -> None:
+    """A GPU config on a machine without one: one line that names the CPU recipe."""
+    if str(trainer.get("accelerator")) in ("gpu", "cuda") and not torch.cuda.is_available():
+        raise UserError(
+            "this config asks for a CUDA GPU (--trainer.accelerator gpu) and this machine has none: "
+            "train with --config configs/cpu.yaml, or add --trainer.accelerator cpu"
+        )
+
+
+def check_fit(config: Namespace) -> None:
+    """Training settings Lightning would reject mid-setup, or accept and then loop on forever."""
+    trainer = config.trainer
+    max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
+    if not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
+        raise UserError(f"--trainer.max_steps {max_steps!r}: give a number of training steps >= 1")
+    if max_steps == -1 and config.model.get("lr_schedule") == "cosine" and config.model.get("decay_steps") is None:
+        raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
+    if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
+        raise UserError(f"--trainer.val_check_interval {interval}: give a number of steps >= 1")
+    if isinstance(interval, float) and not 0 < interval <= 1:
+        raise UserError(f"--trainer.val_check_interval {interval}: give a number of steps >= 1")
+    log_every = trainer.get("log_every_n_steps")
+    if log_every is not None and log_every < 1:
+        raise UserError(f"--trainer.log_every_n_steps {log_every}: give a number of steps >= 1")
+    # Everything fit writes, checked before anything is: the logs, checkpoints and the config copy.
+    logger, dirpath = trainer.get("logger"), config.checkpoint.get("dirpath")
+    if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir"):
+        check_writable(Path(logger.init_args.save_dir), "--trainer.logger.init_args.save_dir")
+    if dirpath:
+        check_writable(Path(dirpath), "--checkpoint.dirpath")
+    check_writable(Path(trainer.get("default_root_dir") or "."), "--trainer.default_root_dir")
+
+
+def check_writable(path: Path, flag: str, folder: bool = True) -> None:
+    """Refuse, in one line, a folder (or file) that cannot be created or written; creates nothing.
+
+    Tries a temporary file in the nearest folder that exists: permission bits alone do not tell
+    (root passes them on read-only mounts and in /proc).
+    """
+    if not folder and path.is_dir():
+        raise UserError(f"{flag} {path} is a folder: give the path of a file to write")
+    existing = path if folder else path.parent
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
+    try:
+        with tempfile.TemporaryFile(dir=existing):
+            pass
+    except OSError as e:
+        raise UserError(
+            f"{flag} {path}: cannot write in {existing} ({e.strerror}); choose a folder you can write to"
+        ) from None
+    if not folder and path.exists() and not os.access(path, os.W_OK):
+        raise UserError(f"{flag} {path}: the file is not writable; choose another path")
+
+
+def check_memory(config: Namespace, subcommand: str | None) -> None:
+    """Refuse, before anything is allocated, a model and batch that cannot fit in this machine's memory."""
+    model = {k: config.model[k] for k in (f.name for f in dataclasses.fields(GPTConfig)) if k in config.model}
+    arch = GPTConfig(**model)  # vocab_size stays at its default (65): a stand-in that changes little
+    training = subcommand in ("fit", None)
+    batch = config.data.batch_size if training else (config.data.val_batch_size or config.data.batch_size)
+    if subcommand == "predict":
+        batch = config.sample.num_samples
+    need = arch.memory_bytes(batch, training)
+    cuda = str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    have = (
+        torch.cuda.get_device_properties(0).total_memory
+        if cuda
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
+    if need > have:
+        raise UserError(
+            f"--model.block_size {arch.block_size} with batch {batch} needs at least {need / 2**30:.0f} GiB "
+            f"({'weights, masks and one step' if training else 'weights and masks'}), more than the "
+            f"{have / 2**30:.0f} GiB {'this GPU' if cuda else 'this machine'} has: "
+            "choose a smaller --model.block_size (or --data.batch_size)"
+        )
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The best checkpoint (lowest val loss) of the newest run under ``folder``, else its ``last.ckpt``."""
+    runs = [folder] if (folder / "checkpoints").is_dir() else []
+    runs = runs or sorted(
+        (p for p in folder.glob("version_*") if p.name.removeprefix("version_").isdigit()),
+        key=lambda p: int(p.name.removeprefix("version_")),
+    )
+    if not runs:
+        raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {CHECKPOINT_HINT}")
+    checkpoints = runs[-1] / "checkpoints"
+
+    def val_loss(p: Path) -> float:
+        m = re.search(r"val(\d+\.\d+)", p.stem)
+        return float(m.group(1)) if m else float("inf")
+
+    best = sorted(checkpoints.glob("best-*.ckpt"), key=val_loss)
+    if best:
+        return best[0]
+    if (checkpoints / "last.ckpt").is_file():
+        return checkpoints / "last.ckpt"
+    raise UserError(f"--ckpt_path {folder}: the newest run {runs[-1]} has no checkpoint yet; {CHECKPOINT_HINT}")
 
 
 def resume(config: Namespace):
@@ -120,7 +352,8 @@ def resume(config: Namespace):
     """
     dirpath = config.checkpoint.get("dirpath")
     logger = config.trainer.get("logger")
-    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("TensorBoardLogger")
+    logger_class = str(logger.get("class_path")) if isinstance(logger, Namespace) else ""
+    tensorboard = logger_class.endswith(("TensorBoardLogger", ".TensorBoard"))
     if dirpath or not tensorboard:
         folder = Path(dirpath or config.trainer.get("default_root_dir") or ".", "" if dirpath else "checkpoints")
         path = _last_checkpoint(folder, folder)
@@ -212,9 +445,15 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
     ``args``. Bad input raises ``UserError``. ``save_config=False``: no ``config.yaml`` is written
     (the benchmark's runs keep no logs).
     """
+    subcommands = {
+        name: {"prog": f"{PROG} {name}", "exit_on_error": False, "usage": f"{PROG} {name} [options]"}
+        for name in ShakespeareCLI.subcommands()
+    }
     return ShakespeareCLI(
         ShakespeareGPT,
         ShakespeareDataModule,
+        trainer_class=Trainer,
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "exit_on_error": False, **subcommands},
         seed_everything_default=1337,
         save_config_callback=FitConfigSaver if save_config else None,
         save_config_kwargs={"overwrite": True},
@@ -225,7 +464,7 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
             # val split, so the val loss is the same with any number of processes.
             "use_distributed_sampler": False,
             "logger": {
-                "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
+                "class_path": "shakespeare_gpt.callbacks.TensorBoard",
                 "init_args": {"save_dir": "lightning_logs", "name": "", "default_hp_metric": False},
             },
         },
@@ -238,6 +477,7 @@ def cli_main(args: list[str] | None = None) -> ShakespeareCLI:
     """The command line; ``args`` replaces ``sys.argv[1:]``. A ``UserError`` ends as one line and exit status 1."""
     try:
         return build(args, run=True)
-    except UserError as e:
-        sys.stderr.write(f"error: {e}\n")
+    except (UserError, MisconfigurationException) as e:  # the latter: settings Lightning itself refuses
+        message = " ".join(str(e).split())
+        sys.stderr.write(f"error: {message}\n")
         raise SystemExit(1) from None

@@ -1,12 +1,15 @@
-"""Tiny Shakespeare: download and verify, encode characters, batch windows of text."""
+"""The corpus (tiny Shakespeare, bundled; or any text), its characters, and windows of it in batches."""
 
 from __future__ import annotations
 
+import gzip
 import hashlib
 import os
+import re
 import tempfile
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -16,9 +19,11 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .errors import UserError
-from .sampling import check_sampling
+from .sampling import Sampling
 
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
+BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
+BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
+URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # its source
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 SIZE = 1_115_394
 KNOWN_SIZES = {SHA256: SIZE}  # a size mismatch is reported before hashing: "truncated" is clearer
@@ -29,7 +34,7 @@ def sha256_of(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def download(url: str, dest: Path, sha256: str | None = SHA256, timeout: float = 30.0) -> None:
+def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
     """Fetch ``url`` into ``dest``, which appears only once its size and sha256 are right.
 
     The bytes go to a temporary file beside ``dest`` and are renamed into place after the
@@ -53,50 +58,100 @@ def download(url: str, dest: Path, sha256: str | None = SHA256, timeout: float =
         tmp.unlink(missing_ok=True)
 
 
-def ensure_corpus(
-    data_dir: str | Path, url: str = URL, sha256: str | None = SHA256, attempts: int = 3, backoff: float = 2.0
+def ensure_download(
+    url: str, cache_dir: str | Path, sha256: str | None = None, attempts: int = 3, backoff: float = 2.0
 ) -> Path:
-    """Return the path of a verified ``input.txt`` in ``data_dir``, downloading it if absent.
+    """The local copy of ``url`` in ``cache_dir``, downloaded (and verified, given ``sha256``) if absent.
 
-    ``sha256=None`` accepts whatever text is there (or at ``url``): a corpus of your own.
-    A failed connection or a timeout is retried ``attempts`` times in all, waiting ``backoff``,
-    then twice as long, between tries; a download with the wrong contents is not retried.
+    The file is named after the URL, so two corpora never share a copy, and a verified copy is
+    used with no network. A failed connection or a timeout is retried ``attempts`` times in all,
+    waiting ``backoff``, then twice as long, between tries; a download with the wrong contents is
+    not retried.
     """
-    path = Path(data_dir) / "input.txt"
-    if not path.exists():
-        try:
-            path.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise UserError(
-                f"cannot create the data folder {path.parent} ({e.strerror}): choose another --data.data_dir"
-            ) from None
-        if not os.access(path.parent, os.W_OK):
-            raise UserError(
-                f"cannot write to the data folder {path.parent}: choose a writable --data.data_dir, "
-                "or put input.txt there yourself"
-            )
-        for attempt in range(attempts):
-            try:
-                download(url, path, sha256)
-                break
-            except (urllib.error.URLError, OSError) as e:
-                permanent = isinstance(e, urllib.error.HTTPError) and e.code < 500  # 404 will not heal
-                if attempt + 1 < attempts and not permanent:
-                    time.sleep(backoff * 2**attempt)
-                    continue
-                reason = getattr(e, "reason", e)
-                expected = f" (sha256 {sha256})" if sha256 else ""
-                tries = f"after {attempt + 1} tries" if attempt else "at the first try"
-                raise UserError(
-                    f"could not download tiny Shakespeare from {url} {tries} ({reason}); "
-                    f"put the file at {path}{expected} and run again"
-                ) from e
-    if sha256 is not None and (got_sha := sha256_of(path)) != sha256:
+    name = Path(urllib.parse.urlparse(url).path).name or "corpus.txt"
+    key = hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
+    path = Path(cache_dir) / f"{key}-{name}"
+    if path.exists():
+        return path
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
         raise UserError(
-            f"{path} does not have the expected contents (sha256 {got_sha}, expected {sha256}): "
-            "delete it to download it again, put the verified copy there, or pass --data.sha256 null for your own text"
+            f"cannot create the download folder {path.parent} ({e.strerror}): choose another --data.cache_dir"
+        ) from None
+    if not os.access(path.parent, os.W_OK):
+        raise UserError(f"cannot write to the download folder {path.parent}: choose a writable --data.cache_dir")
+    for attempt in range(attempts):
+        try:
+            download(url, path, sha256)
+            return path
+        except (urllib.error.URLError, OSError) as e:
+            permanent = isinstance(e, urllib.error.HTTPError) and e.code < 500  # 404 will not heal
+            if attempt + 1 < attempts and not permanent:
+                time.sleep(backoff * 2**attempt)
+                continue
+            reason = getattr(e, "reason", e)
+            tries = f"after {attempt + 1} tries" if attempt else "at the first try"
+            raise UserError(
+                f"could not download {url} {tries} ({reason}); download it yourself and pass its path "
+                "as --data.corpus, or use the bundled --data.corpus tinyshakespeare"
+            ) from e
+    raise AssertionError("unreachable")
+
+
+def bundled_text() -> str:
+    """Tiny Shakespeare as shipped inside the package, checked against its published sha256."""
+    data = gzip.decompress(BUNDLED_FILE.read_bytes())
+    if hashlib.sha256(data).hexdigest() != SHA256:
+        raise UserError(f"the bundled corpus {BUNDLED_FILE} is damaged (wrong sha256): reinstall shakespeare-gpt")
+    return data.decode("utf-8")
+
+
+def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = "data") -> str:
+    """The text named by ``--data.corpus``: ``tinyshakespeare`` (bundled), a text file, or an http(s) URL.
+
+    ``sha256``, when given, is checked against the file's bytes. An empty file or one that is not
+    UTF-8 text is refused in one line that names it.
+    """
+    if corpus == BUNDLED:
+        if sha256 is not None and sha256 != SHA256:
+            raise UserError(f"--data.sha256 {sha256} is not the bundled tiny Shakespeare's ({SHA256}): drop it")
+        return bundled_text()
+    if corpus.startswith(("http://", "https://")):
+        path = ensure_download(corpus, cache_dir, sha256)
+    else:
+        path = Path(corpus).expanduser()
+        if not path.is_file():
+            what = "is a folder" if path.is_dir() else "does not exist"
+            raise UserError(
+                f"--data.corpus {corpus} {what}: give a text file, an http(s) URL, or {BUNDLED} (the bundled corpus)"
+            )
+    try:
+        data = path.read_bytes()
+    except OSError as e:
+        raise UserError(f"cannot read the corpus {path} ({e.strerror})") from None
+    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise UserError(
+            f"the corpus {path} has sha256 {got}, not the --data.sha256 {sha256} asked for: "
+            "check the file, or drop --data.sha256"
         )
-    return path
+    if not data:
+        raise UserError(f"the corpus {path} is empty: give a file with text in it")
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise UserError(
+            f"the corpus {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
+            f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > corpus.txt"
+        ) from None
+
+
+def shortest_corpus(block_size: int) -> int:
+    """Fewest characters whose train and val splits each hold one window of ``block_size + 1``."""
+    n = block_size + 1
+    while int(TRAIN_FRACTION * n) < block_size + 1 or n - int(TRAIN_FRACTION * n) < block_size + 1:
+        n += 1
+    return n
 
 
 class CharTokenizer:
@@ -190,6 +245,20 @@ class RandomBatches(Sampler[torch.Tensor]):
             yield torch.randint(self.n_offsets, (self.batch_size,), generator=g)
 
 
+class StepKeyedLoader(DataLoader):
+    """The train loader: its batches follow from the trainer's step (``RandomBatches``).
+
+    A resumed run therefore continues exactly without any loader state; ``state_dict`` says so
+    to Lightning, which otherwise warns that a run resumed mid-"epoch" is not reproducible.
+    """
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
 class ValWindows(Dataset):
     """Non-overlapping windows that predict every character of the split exactly once.
 
@@ -224,10 +293,16 @@ class ValWindows(Dataset):
 
 
 class ShakespeareDataModule(L.LightningDataModule):
-    """Tiny Shakespeare as characters: random train windows, a full val pass, prompts to predict.
+    """A corpus as characters: random train windows, a full pass over the val split, prompts to predict.
+
+    The first 90% of the text trains, the last 10% validates, whatever the text.
 
     Args:
-        data_dir: folder of ``input.txt``; it is downloaded there (and verified) when missing.
+        corpus: ``tinyshakespeare`` (bundled with the package: no network), the path of a UTF-8
+            text file of your own, or an http(s) URL to download it from.
+        sha256: checksum the corpus file must have (checked when given; the bundled corpus
+            always checks its own).
+        cache_dir: where a corpus given by URL is downloaded to.
         block_size: context length; the CLI links it from ``--model.block_size``.
         batch_size: training windows per step.
         val_batch_size: windows per validation batch (default: ``batch_size``).
@@ -238,19 +313,13 @@ class ShakespeareDataModule(L.LightningDataModule):
             eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
         vocab: fixed characters to encode with; by default the sorted characters of the corpus.
             Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
-        prompt: text that every predicted sample starts from.
-        num_samples: how many samples ``predict`` draws.
-        max_new_tokens: characters generated after the prompt.
-        temperature: > 0; below 1 is more conservative, above 1 more random.
-        top_k: sample among the k most likely characters only (1 is greedy); None for all.
-        seed: seed of the sampling random generator, so a predict run can be repeated exactly.
-        url: where to download ``input.txt`` from.
-        sha256: checksum that ``input.txt`` must have; null accepts any text (a corpus of your own).
     """
 
     def __init__(
         self,
-        data_dir: str = "data/tinyshakespeare",
+        corpus: str = BUNDLED,
+        sha256: str | None = None,
+        cache_dir: str = "data",
         block_size: int = 256,
         batch_size: int = 64,
         val_batch_size: int | None = None,
@@ -258,57 +327,72 @@ class ShakespeareDataModule(L.LightningDataModule):
         on_device: bool = False,
         eval_train: bool = False,
         vocab: str | None = None,
-        prompt: str = "\n",
-        num_samples: int = 1,
-        max_new_tokens: int = 500,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        seed: int = 1337,
-        url: str = URL,
-        sha256: str | None = SHA256,
     ) -> None:
         super().__init__()
+        for flag, value, least in [
+            ("block_size", block_size, 1),
+            ("batch_size", batch_size, 1),
+            ("val_batch_size", val_batch_size, 1),
+            ("num_workers", num_workers, 0),
+        ]:
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
+                raise UserError(f"--data.{flag} {value!r}: give a whole number >= {least}")
+        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+            raise UserError(f"--data.sha256 {sha256!r}: give 64 lowercase hex digits, as sha256sum prints them")
         self.save_hyperparameters(ignore=["vocab"])
-        self.data_dir = data_dir
+        self.corpus = corpus
+        self.sha256 = sha256
+        self.cache_dir = cache_dir
         self.block_size = block_size
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers = num_workers
         self.on_device = on_device
         self.eval_train = eval_train
-        self.url = url
-        self.sha256 = sha256
+        self.sampling = Sampling()  # what ``predict`` draws; the CLI sets it from ``--sample.*``
         self._vocab = vocab
+        self._text: str | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
 
     @property
     def vocab(self) -> str:
-        """The characters the model is built for; reading it fetches the corpus if needed."""
+        """The characters the model is built for; reading it reads the corpus if needed."""
         if self._vocab is None:
-            self._vocab = CharTokenizer.from_text(self._read_text()).vocab
+            self._vocab = CharTokenizer.from_text(self.text).vocab
         return self._vocab
 
     @property
     def tokenizer(self) -> CharTokenizer:
         return CharTokenizer(self.vocab)
 
-    def _read_text(self) -> str:
-        return ensure_corpus(self.data_dir, self.url, self.sha256).read_text(encoding="utf-8")
+    @property
+    def text(self) -> str:
+        """The whole corpus, read (and checked: long enough for one window in each split) once."""
+        if self._text is None:
+            text = read_corpus(self.corpus, self.sha256, self.cache_dir)
+            if len(text) < (need := shortest_corpus(self.block_size)):
+                raise UserError(
+                    f"the corpus {self.corpus} has {len(text)} characters: too short for one window of "
+                    f"block_size + 1 = {self.block_size + 1} in each split (90% train, 10% val); give at least "
+                    f"{need} characters, or a smaller --model.block_size"
+                )
+            self._text = text
+        return self._text
 
     def prepare_data(self) -> None:
         if self.trainer is not None and self.trainer.predicting:
             return  # sampling needs a vocabulary, not the corpus
-        ensure_corpus(self.data_dir, self.url, self.sha256)
+        if self.corpus.startswith(("http://", "https://")):
+            ensure_download(self.corpus, self.cache_dir, self.sha256)  # once per machine, before setup
 
     def setup(self, stage: str) -> None:
         if stage == "predict" or self.train_data is not None:
             return
-        text = self._read_text()
         try:
-            data = torch.tensor(self.tokenizer.encode(text), dtype=torch.long)
+            data = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
         except UserError as e:
-            raise UserError(f"{self.data_dir}/input.txt does not fit the checkpoint: {e}") from None
+            raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
         if self.on_device and self.trainer is not None:
             data = data.to(self.trainer.strategy.root_device)
         n = int(TRAIN_FRACTION * len(data))
@@ -324,7 +408,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             rank=trainer.global_rank if trainer else 0,
             start=lambda: trainer.global_step if trainer else 0,
         )
-        return DataLoader(
+        return StepKeyedLoader(
             windows,
             batch_sampler=batches,
             collate_fn=_batch_as_is,
@@ -352,19 +436,5 @@ class ShakespeareDataModule(L.LightningDataModule):
         )
 
     def predict_dataloader(self) -> DataLoader:
-        """One batch: ``num_samples`` copies of the prompt and the sampling settings."""
-        hp = self.hparams
-        if hp.prompt == "":
-            raise UserError('the prompt is empty: give at least one character, e.g. --data.prompt "ROMEO:"')
-        if hp.num_samples < 1:
-            raise UserError(f"num_samples must be >= 1, got {hp.num_samples}")
-        check_sampling(hp.max_new_tokens, hp.temperature, hp.top_k, len(self.vocab))
-        prompt = torch.tensor(self.tokenizer.encode(hp.prompt), dtype=torch.long)
-        request = {
-            "idx": prompt.repeat(hp.num_samples, 1),
-            "max_new_tokens": hp.max_new_tokens,
-            "temperature": hp.temperature,
-            "top_k": hp.top_k,
-            "seed": hp.seed,
-        }
-        return DataLoader([request], batch_size=None)
+        """One batch: ``num_samples`` copies of the prompt, with the sampling settings."""
+        return DataLoader([self.sampling.request(self.tokenizer)], batch_size=None)

@@ -20,6 +20,40 @@ from .model import GPT, GPTConfig
 from .sampling import generate
 
 
+def check_optimizer(learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2) -> None:
+    """A one-line ``UserError`` for optimiser and schedule settings that cannot train."""
+
+    def finite(x) -> bool:
+        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+
+    def whole(x) -> bool:
+        return isinstance(x, int) and not isinstance(x, bool)
+
+    checks = [
+        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate > 0, "give a number > 0, e.g. 1e-3"),
+        ("lr_schedule", lr_schedule, lr_schedule in ("constant", "cosine"), "give constant or cosine"),
+        (
+            "min_lr",
+            min_lr,
+            finite(min_lr) and 0 <= min_lr <= learning_rate,
+            f"give a number from 0 to --model.learning_rate ({learning_rate})",
+        ),
+        ("warmup_steps", warmup_steps, whole(warmup_steps) and warmup_steps >= 0, "give a whole number >= 0"),
+        (
+            "decay_steps",
+            decay_steps,
+            decay_steps is None or (whole(decay_steps) and decay_steps >= 1),
+            "give a whole number >= 1, or null for --trainer.max_steps",
+        ),
+        ("weight_decay", weight_decay, finite(weight_decay) and weight_decay >= 0, "give a number >= 0"),
+        ("beta1", beta1, finite(beta1) and 0 <= beta1 < 1, "give a number in [0, 1), e.g. 0.9"),
+        ("beta2", beta2, finite(beta2) and 0 <= beta2 < 1, "give a number in [0, 1), e.g. 0.99"),
+    ]
+    for name, value, ok, what in checks:
+        if not ok:
+            raise UserError(f"--model.{name} {value!r}: {what}")
+
+
 class ShakespeareGPT(L.LightningModule):
     """A character-level GPT trained with AdamW.
 
@@ -62,8 +96,9 @@ class ShakespeareGPT(L.LightningModule):
         super().__init__()
         if vocab is None:
             raise UserError("the model needs a vocabulary: train it through the CLI, which takes it from the data")
-        if lr_schedule not in ("constant", "cosine"):
-            raise UserError(f"lr_schedule must be 'constant' or 'cosine', got {lr_schedule!r}")
+        check_optimizer(learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2)
+        if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
+            raise UserError(f"--model.sample_tokens {sample_tokens!r}: give a number of characters >= 0 (0: none)")
         self.config = GPTConfig(vocab_size=len(vocab), **arch)
         self.save_hyperparameters()
         # Every field, defaults included: the checkpoint then describes this network exactly.

@@ -67,19 +67,36 @@ class GPTConfig:
         for name, least in minimum.items():
             value = getattr(self, name)
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise UserError(f"GPTConfig.{name} must be an integer >= {least}, got {value!r}")
+                raise UserError(f"--model.{name} {value!r}: give a whole number >= {least}")
         if self.n_embd % self.n_head != 0:
             raise UserError(
-                f"GPTConfig.n_embd={self.n_embd} is not divisible by n_head={self.n_head}: "
-                "choose n_head so that every head gets n_embd // n_head dimensions"
+                f"--model.n_head {self.n_head} does not divide --model.n_embd {self.n_embd}: "
+                "choose them so that every head gets n_embd // n_head dimensions"
             )
         if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"GPTConfig.dropout must be in [0, 1), got {self.dropout!r}")
+            raise UserError(f"--model.dropout {self.dropout!r}: give a rate in [0, 1)")
         choices = {"norm": Norm, "activation": Activation, "attention": AttentionImpl}
         for name, kind in choices.items():
             allowed = kind.__args__
             if getattr(self, name) not in allowed:
-                raise UserError(f"GPTConfig.{name} must be one of {allowed}, got {getattr(self, name)!r}")
+                raise UserError(f"--model.{name} {getattr(self, name)!r}: give one of {', '.join(allowed)}")
+
+    def memory_bytes(self, batch_size: int = 0, training: bool = True) -> int:
+        """A lower bound on the memory, in bytes, of this model and of one step on ``batch_size`` windows.
+
+        Counts fp32 weights (with gradients and AdamW's two moments when ``training``), the causal
+        masks, and the activations a backward pass keeps. Used to refuse, before anything is
+        allocated, a size that cannot fit: it undercounts, so it never refuses one that can.
+        """
+        C, T, L, V = self.n_embd, self.block_size, self.n_layer, self.vocab_size
+        params = V * C + T * C + L * 12 * C * C + (0 if self.tie_weights else C * V)
+        total = params * (4 if training else 1) + L * T * T  # masks (per layer; 4 bytes each, counted once)
+        if batch_size:
+            per_layer = 10 * T * C  # inputs of the linear layers, norms and activations kept for backward
+            if self.attention == "explicit":
+                per_layer += 2 * self.n_head * T * T  # scores and their softmax
+            total += batch_size * (L * per_layer + 2 * T * V)  # + logits and their softmax
+        return 4 * total
 
     @property
     def head_size(self) -> int:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from functools import partial
 
 import torch
@@ -18,11 +19,56 @@ from .model import GPT
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
     """Raise a one-line ``UserError`` for settings that cannot sample."""
     if max_new_tokens < 0:
-        raise UserError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
-    if not temperature > 0:
-        raise UserError(f"temperature must be > 0 (use top_k=1 for greedy decoding), got {temperature}")
+        raise UserError(f"--sample.max_new_tokens {max_new_tokens}: give a number of characters >= 0")
+    if not temperature > 0 or math.isinf(temperature):
+        raise UserError(f"--sample.temperature {temperature}: give a finite number > 0 (--sample.top_k 1 is greedy)")
     if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise UserError(f"top_k must be between 1 and the vocabulary size {vocab_size}, or None; got {top_k}")
+        raise UserError(
+            f"--sample.top_k {top_k}: give a number from 1 to the vocabulary size {vocab_size}, or null for all"
+        )
+
+
+@dataclass
+class Sampling:
+    """What ``predict`` draws from a checkpoint.
+
+    Attributes:
+        prompt: text that every sample starts from; only characters of the model's vocabulary.
+        num_samples: how many samples to draw, as one batch.
+        max_new_tokens: characters generated after the prompt.
+        temperature: > 0; below 1 is more conservative, above 1 more random.
+        top_k: sample among the k most likely characters only (1 is greedy); null for all.
+        seed: seed of the sampling random generator, so a predict run can be repeated exactly.
+    """
+
+    prompt: str = "\n"
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int | None = None
+    seed: int = 1337
+
+    def __post_init__(self) -> None:
+        if self.prompt == "":
+            raise UserError('--sample.prompt is empty: give at least one character, e.g. --sample.prompt "ROMEO:"')
+        if self.num_samples < 1:
+            raise UserError(f"--sample.num_samples {self.num_samples}: give a number >= 1")
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, vocab_size=self.top_k or 1)
+
+    def request(self, tokenizer) -> dict:
+        """The predict batch: ``num_samples`` copies of the encoded prompt, and these settings."""
+        check_sampling(self.max_new_tokens, self.temperature, self.top_k, len(tokenizer))
+        try:
+            prompt = torch.tensor(tokenizer.encode(self.prompt), dtype=torch.long)
+        except UserError as e:
+            raise UserError(f"--sample.prompt {self.prompt!r}: {e}") from None
+        return {
+            "idx": prompt.repeat(self.num_samples, 1),
+            "max_new_tokens": self.max_new_tokens,
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "seed": self.seed,
+        }
 
 
 def window_start(length: int, block_size: int) -> int:

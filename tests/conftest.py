@@ -33,8 +33,7 @@ def tiny_fit_args(corpus_dir: Path, max_steps: int = 4, *extra: str) -> list[str
     """``fit`` of the tiny model on the tiny corpus: a validation every 2 steps, logs at every step, quiet."""
     return [
         "fit",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
+        f"--data.corpus={corpus_dir / 'input.txt'}",
         "--data.batch_size=4",
         *TINY_MODEL_ARGS,
         f"--trainer.max_steps={max_steps}",

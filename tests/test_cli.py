@@ -51,10 +51,10 @@ def test_predict_from_checkpoint_with_no_data_on_disk(trained, tmp_path, monkeyp
             "predict",
             f"--config={ROOT / 'configs' / 'predict.yaml'}",
             f"--ckpt_path={ckpt}",
-            "--data.prompt=First",
-            "--data.num_samples=2",
-            "--data.max_new_tokens=30",
-            "--data.top_k=10",  # the tiny corpus has fewer characters than the config's top_k
+            "--sample.prompt=First",
+            "--sample.num_samples=2",
+            "--sample.max_new_tokens=30",
+            "--sample.top_k=10",  # the tiny corpus has fewer characters than the config's top_k
         ]
     )
     out = capsys.readouterr().out
@@ -71,13 +71,13 @@ def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatc
     common = ["predict", f"--ckpt_path={ckpt}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
 
     def sample(*args: str) -> str:
-        cli_main([*common, "--data.prompt=All:", "--data.max_new_tokens=25", *args])
+        cli_main([*common, "--sample.prompt=All:", "--sample.max_new_tokens=25", *args])
         text = (tmp_path / "lightning_logs" / "samples.txt").read_text()
         return text.removeprefix("----- sample 1 -----\n").removesuffix("\n")
 
-    greedy = [sample("--data.top_k=1", f"--data.seed={seed}") for seed in (1, 2)]
+    greedy = [sample("--sample.top_k=1", f"--sample.seed={seed}") for seed in (1, 2)]
     assert greedy[0] == greedy[1]  # top_k=1 is greedy: the seed no longer matters
-    hot = [sample("--data.temperature=3.0", f"--data.seed={seed}") for seed in (1, 1, 2)]
+    hot = [sample("--sample.temperature=3.0", f"--sample.seed={seed}") for seed in (1, 1, 2)]
     assert hot[0] == hot[1] != hot[2]  # the seed makes sampling repeatable
     for text in greedy + hot:
         assert text.startswith("All:") and len(text) == len("All:") + 25
@@ -98,8 +98,8 @@ def test_bad_model_shape_is_one_line_error(corpus_dir, tmp_path, monkeypatch, ca
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert err[-1] == (
-        "error: GPTConfig.n_embd=16 is not divisible by n_head=3: "
-        "choose n_head so that every head gets n_embd // n_head dimensions"
+        "error: --model.n_head 3 does not divide --model.n_embd 16: "
+        "choose them so that every head gets n_embd // n_head dimensions"
     )
 
 
@@ -109,8 +109,7 @@ def test_shipped_configs_parse_and_build_their_model(config, corpus_dir, tmp_pat
     args = [
         "fit",
         f"--config={ROOT / 'configs' / config}",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
+        f"--data.corpus={corpus_dir / 'input.txt'}",
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",
         "--print_config",
@@ -145,7 +144,7 @@ def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch
     elif damage == "foreign":
         torch.save({"weights": torch.zeros(3)}, bad)
     with pytest.raises(SystemExit) as exc:
-        cli_main(["predict", f"--ckpt_path={bad}", "--data.prompt=a"])
+        cli_main(["predict", f"--ckpt_path={bad}", "--sample.prompt=a"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and err[0].startswith(f"error: {'checkpoint ' if damage != 'foreign' else ''}{bad}")
@@ -158,12 +157,12 @@ def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(trained, tmp_p
     (other / "input.txt").write_text("Zounds! 42 quoth he.\n" * 300)
     monkeypatch.chdir(tmp_path)
     ckpt = trained / "checkpoints" / "last.ckpt"
-    args = ["validate", f"--ckpt_path={ckpt}", f"--data.data_dir={other}", "--data.sha256=null"]
+    args = ["validate", f"--ckpt_path={ckpt}", f"--data.corpus={other / 'input.txt'}"]
     with pytest.raises(SystemExit) as exc:
         cli_main([*args, "--trainer.logger=false"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: {other}/input.txt does not fit the checkpoint: characters not in the model's")
+    assert err.startswith(f"error: the corpus {other}/input.txt does not fit the checkpoint: characters not in the model's")
     assert "'!24Z" in err  # the offending characters, by name
 
 
@@ -190,7 +189,8 @@ def test_validate_with_ckpt_path_last_is_refused_in_one_line(tmp_path, monkeypat
         cli_main(["validate", "--ckpt_path=last"])
     assert exc.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --ckpt_path last continues a training run; to validate, give a checkpoint's path"
+        "error: --ckpt_path last continues a training run; to validate, give a checkpoint or a run folder "
+        "(e.g. lightning_logs/cpu)"
     ]
 
 

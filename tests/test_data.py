@@ -1,19 +1,24 @@
+import gzip
 import hashlib
-import os
 from pathlib import Path
 
 import pytest
 import torch
 
+from shakespeare_gpt import data
 from shakespeare_gpt.data import (
+    SHA256,
     CharTokenizer,
     ShakespeareDataModule,
     TrainWindows,
     ValWindows,
     download,
-    ensure_corpus,
+    ensure_download,
+    read_corpus,
+    shortest_corpus,
 )
 from shakespeare_gpt.errors import UserError
+from shakespeare_gpt.sampling import Sampling
 
 from .conftest import TINY_TEXT
 
@@ -40,57 +45,99 @@ def test_download_checksum_mismatch_leaves_nothing(serve, tmp_path):
 def test_download_of_truncated_canonical_file_is_rejected(serve, tmp_path):
     # The real corpus's checksum has a known size: a short download fails on size, before hashing.
     with pytest.raises(UserError, match="bytes, expected 1115394"):
-        download(serve(b"First Citizen:"), tmp_path / "input.txt")
+        download(serve(b"First Citizen:"), tmp_path / "input.txt", SHA256)
     assert list(tmp_path.iterdir()) == []
 
 
-def test_ensure_corpus_downloads_once_then_uses_the_file_offline(serve, closed_port_url, tmp_path):
+def test_url_corpus_downloads_once_then_is_used_offline(serve, closed_port_url, tmp_path):
     payload = TINY_TEXT.encode()
-    path = ensure_corpus(tmp_path, serve(payload), sha(payload))
-    assert path.read_bytes() == payload
-    # The verified file is used without any network: the URL now points nowhere.
-    assert ensure_corpus(tmp_path, closed_port_url, sha(payload)) == path
+    url = serve(payload)
+    assert read_corpus(url, sha(payload), tmp_path) == TINY_TEXT
+    (path,) = tmp_path.iterdir()
+    assert path.name.endswith("-input.txt") and path.read_bytes() == payload
+    # The verified copy is used without any network: the server is gone for this URL's next use.
+    assert ensure_download(url, tmp_path) == path
 
 
-def test_no_file_and_no_network_says_where_to_put_it(closed_port_url, tmp_path):
-    with pytest.raises(UserError, match=f"after 3 tries .* put the file at {tmp_path / 'input.txt'}"):
-        ensure_corpus(tmp_path, closed_port_url, backoff=0)
+def test_no_network_says_what_to_do(closed_port_url, tmp_path):
+    with pytest.raises(UserError, match=r"after 3 tries .* pass its path as --data.corpus, or use the bundled"):
+        ensure_download(closed_port_url, tmp_path, backoff=0)
     assert list(tmp_path.iterdir()) == []
 
 
 def test_missing_file_on_the_server_is_not_retried(serve, tmp_path):
     url = serve(b"", fail_first=1, status=404)
     with pytest.raises(UserError, match="at the first try"):
-        ensure_corpus(tmp_path, url, backoff=60)  # a retry would wait a minute
+        ensure_download(url, tmp_path, backoff=60)  # a retry would wait a minute
 
 
 def test_transient_failures_are_retried(serve, tmp_path):
     payload = TINY_TEXT.encode()
     url = serve(payload, fail_first=2)  # two 503 answers, then the file
-    path = ensure_corpus(tmp_path, url, sha(payload), attempts=3, backoff=0)
+    path = ensure_download(url, tmp_path, sha(payload), attempts=3, backoff=0)
     assert path.read_bytes() == payload
 
 
-def test_data_dir_that_cannot_be_created_is_named(tmp_path, closed_port_url):
+def test_download_folder_that_cannot_be_created_is_named(tmp_path, closed_port_url):
     (tmp_path / "a_file").write_text("not a folder")
     with pytest.raises(
         UserError,
-        match=r"cannot create the data folder .*a_file/data \(Not a directory\): choose another --data.data_dir",
+        match=r"cannot create the download folder .*a_file/data \(Not a directory\): choose another --data.cache_dir",
     ):
-        ensure_corpus(tmp_path / "a_file" / "data", closed_port_url)
+        ensure_download(closed_port_url, tmp_path / "a_file" / "data")
 
 
-def test_read_only_data_dir_is_named(tmp_path, closed_port_url, monkeypatch):
-    monkeypatch.setattr(os, "access", lambda path, mode: False)  # as root, chmod alone cannot show it
-    with pytest.raises(UserError, match=f"cannot write to the data folder {tmp_path}"):
-        ensure_corpus(tmp_path, closed_port_url)
+def test_bundled_corpus_is_tiny_shakespeare_verified():
+    text = read_corpus("tinyshakespeare")
+    assert len(text) == 1_115_394 and text.startswith("First Citizen:")
+    assert hashlib.sha256(text.encode()).hexdigest() == SHA256
 
 
-def test_existing_file_with_wrong_checksum_is_not_trusted(tmp_path, closed_port_url):
-    (tmp_path / "input.txt").write_text("tampered")
-    with pytest.raises(UserError, match="does not have the expected contents"):
-        ensure_corpus(tmp_path, closed_port_url)
-    assert (tmp_path / "input.txt").read_text() == "tampered"  # the user's file is left alone
+def test_damaged_bundled_corpus_is_refused(tmp_path, monkeypatch):
+    damaged = tmp_path / "tinyshakespeare.txt.gz"
+    damaged.write_bytes(gzip.compress(b"First Citizen: tampered"))
+    monkeypatch.setattr(data, "BUNDLED_FILE", damaged)
+    with pytest.raises(UserError, match="bundled corpus .* is damaged .* reinstall"):
+        read_corpus("tinyshakespeare")
+
+
+def test_own_text_file_with_wrong_checksum_is_refused(tmp_path):
+    (tmp_path / "mine.txt").write_text("tampered")
+    with pytest.raises(UserError, match=r"mine.txt has sha256 .*, not the --data.sha256"):
+        read_corpus(str(tmp_path / "mine.txt"), sha(b"something else"))
+    assert (tmp_path / "mine.txt").read_text() == "tampered"  # the user's file is left alone
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", r"the corpus .*bad.txt is empty"),
+        (b"caf\xe9 latin-1", r"the corpus .*bad.txt is not UTF-8 text \(byte 0xe9 at offset 3\): convert it"),
+    ],
+)
+def test_empty_or_non_utf8_corpus_is_named(tmp_path, content, message):
+    (tmp_path / "bad.txt").write_bytes(content)
+    with pytest.raises(UserError, match=message):
+        read_corpus(str(tmp_path / "bad.txt"))
+
+
+def test_missing_corpus_file_or_a_folder_is_named(tmp_path):
+    with pytest.raises(UserError, match=r"--data.corpus .*nope.txt does not exist: give a text file, an http"):
+        read_corpus(str(tmp_path / "nope.txt"))
+    with pytest.raises(UserError, match=r"--data.corpus .* is a folder"):
+        read_corpus(str(tmp_path))
+
+
+def test_corpus_too_short_for_one_window_names_the_file_and_the_minimum(tmp_path):
+    (tmp_path / "short.txt").write_text("x" * 100)
+    dm = ShakespeareDataModule(corpus=str(tmp_path / "short.txt"), block_size=16)
+    with pytest.raises(UserError, match=rf"{tmp_path}/short.txt has 100 characters: .* at least {shortest_corpus(16)}"):
+        dm.vocab  # noqa: B018 (reading it reads the corpus)
+    n = shortest_corpus(16)
+    dm = ShakespeareDataModule(corpus=str(tmp_path / "enough.txt"), block_size=16)
+    (tmp_path / "enough.txt").write_text("ab" * n)
+    dm.setup("fit")
+    assert len(dm.train_data) >= 17 and len(dm.val_data) >= 17  # each split holds one window
 
 
 def test_tokenizer_round_trip_and_vocabulary():
@@ -102,7 +149,7 @@ def test_tokenizer_round_trip_and_vocabulary():
 
 
 def make_datamodule(corpus_dir: Path, **kwargs) -> ShakespeareDataModule:
-    dm = ShakespeareDataModule(data_dir=str(corpus_dir), sha256=None, **kwargs)
+    dm = ShakespeareDataModule(corpus=str(corpus_dir / "input.txt"), **kwargs)
     dm.prepare_data()
     dm.setup("fit")
     return dm
@@ -156,25 +203,27 @@ def test_train_windows_batch_gather_matches_single_items():
 
 
 def test_predict_needs_no_corpus_when_given_a_vocabulary(tmp_path):
-    dm = ShakespeareDataModule(data_dir=str(tmp_path / "absent"), vocab="\n ABCabc:", prompt="ABC:", num_samples=3)
+    dm = ShakespeareDataModule(corpus=str(tmp_path / "absent.txt"), vocab="\n ABCabc:")
+    dm.sampling = Sampling(prompt="ABC:", num_samples=3)
     request = next(iter(dm.predict_dataloader()))
     assert request["idx"].shape == (3, 4)
-    assert not (tmp_path / "absent").exists()
+    assert list(tmp_path.iterdir()) == []
 
 
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"prompt": ""}, "prompt is empty"),
-        ({"prompt": "xyz"}, "not in the model's vocabulary"),
-        ({"temperature": 0.0}, "temperature"),
-        ({"top_k": 0}, "top_k"),
-        ({"top_k": 99}, "top_k"),
-        ({"max_new_tokens": -1}, "max_new_tokens"),
-        ({"num_samples": 0}, "num_samples"),
+        ({"prompt": ""}, "--sample.prompt is empty"),
+        ({"prompt": "xyz"}, "--sample.prompt 'xyz': characters not in the model's vocabulary"),
+        ({"temperature": 0.0}, "--sample.temperature 0.0"),
+        ({"top_k": 0}, "--sample.top_k 0"),
+        ({"top_k": 99}, "--sample.top_k 99: give a number from 1 to the vocabulary size 9"),
+        ({"max_new_tokens": -1}, "--sample.max_new_tokens -1"),
+        ({"num_samples": 0}, "--sample.num_samples 0"),
     ],
 )
 def test_bad_sampling_settings_are_refused(kwargs, message):
-    dm = ShakespeareDataModule(vocab="\n ABCabc:", **kwargs)
+    dm = ShakespeareDataModule(vocab="\n ABCabc:")
     with pytest.raises(UserError, match=message):
+        dm.sampling = Sampling(**kwargs)
         dm.predict_dataloader()

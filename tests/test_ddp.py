@@ -47,7 +47,7 @@ def test_two_process_ddp_fit(corpus_dir, tmp_path, monkeypatch):
     ddp_val = torch.load(ckpt, weights_only=False)["callbacks"]
     logged = next(v["current_score"] for k, v in ddp_val.items() if k.startswith("ModelCheckpoint"))
     monkeypatch.chdir(tmp_path)
-    data = [f"--data.data_dir={corpus_dir}", "--data.sha256=null"]
+    data = [f"--data.corpus={corpus_dir / 'input.txt'}"]
     single = cli_main(["validate", f"--ckpt_path={ckpt}", *data, "--trainer.logger=false"])
     # The two processes each passed over the whole val split; one process on the same weights agrees
     # up to float32 rounding (the two runs use different thread counts, so sums run in other orders).

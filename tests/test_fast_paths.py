@@ -119,10 +119,10 @@ def test_cpu_recipe_precision_and_attention_train_with_fp32_weights(corpus_dir, 
 def test_compiled_fit_then_eager_predict(corpus_dir, tmp_path, monkeypatch, capsys):
     """torch.compile on CPU takes tens of seconds: run with `pytest -m slow`."""
     monkeypatch.chdir(tmp_path)
-    common = [f"--data.data_dir={corpus_dir}", "--data.sha256=null", *TINY_MODEL_ARGS]
+    common = [f"--data.corpus={corpus_dir / 'input.txt'}", *TINY_MODEL_ARGS]
     cli_main(["fit", *common, "--model.compile=true", "--trainer.max_steps=3", "--trainer.val_check_interval=3"])
     ckpt = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
-    cli_main(["predict", f"--ckpt_path={ckpt}", "--model.compile=false", "--trainer.logger=false", "--data.prompt=a"])
+    cli_main(["predict", f"--ckpt_path={ckpt}", "--model.compile=false", "--trainer.logger=false", "--sample.prompt=a"])
     assert "----- sample 1 -----\na" in capsys.readouterr().out
 
 
@@ -133,8 +133,7 @@ def test_gpu_fit_with_compile_and_data_on_device(corpus_dir, tmp_path, monkeypat
     monkeypatch.chdir(tmp_path)
     args = [
         "fit",
-        f"--data.data_dir={corpus_dir}",
-        "--data.sha256=null",
+        f"--data.corpus={corpus_dir / 'input.txt'}",
         "--data.on_device=true",
         *TINY_MODEL_ARGS,
         "--model.compile=true",

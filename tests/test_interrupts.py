@@ -140,8 +140,8 @@ def assert_same_run(resumed: Path, reference: Path) -> None:
 
 def assert_validate_uses_newest_weights(run: Path, reference: Path, capsys) -> None:
     cli = cli_main(
-        ["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--trainer.logger=false", "--data.sha256=null"]
-        + [f"--data.data_dir={run.parents[1] / 'data'}", "--trainer.enable_progress_bar=false"]
+        ["validate", f"--ckpt_path={run / 'checkpoints' / 'last.ckpt'}", "--trainer.logger=false"]
+        + [f"--data.corpus={run.parents[1] / 'data' / 'input.txt'}", "--trainer.enable_progress_bar=false"]
     )
     assert cli.trainer.callback_metrics["val/loss"].item() == scalars(reference)["val/loss"][-1][1]
     capsys.readouterr()
@@ -278,5 +278,7 @@ def test_model_flags_that_contradict_an_explicit_checkpoint_are_refused(referenc
     assert code == 1 and len(err) == 1
     assert "was trained with n_layer=1 (asked: 3)" in err[0]
     # How to run is not the checkpoint's to decide: sample_tokens (like compile) may differ from it.
-    cli_main(["predict", f"--ckpt_path={ckpt}", "--model.sample_tokens=5", "--trainer.logger=false", "--data.prompt=a"])
+    cli_main(
+        ["predict", f"--ckpt_path={ckpt}", "--model.sample_tokens=5", "--trainer.logger=false", "--sample.prompt=a"]
+    )
     assert "----- sample 1 -----\na" in capsys.readouterr().out

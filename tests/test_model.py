@@ -107,10 +107,10 @@ def test_tied_weights_share_one_matrix():
 @pytest.mark.parametrize(
     "overrides,message",
     [
-        ({"n_embd": 10, "n_head": 3}, "n_embd=10 is not divisible by n_head=3"),
-        ({"n_layer": -1}, "n_layer"),
-        ({"dropout": 1.0}, "dropout"),
-        ({"norm": "middle"}, "norm"),
+        ({"n_embd": 10, "n_head": 3}, "--model.n_head 3 does not divide --model.n_embd 10"),
+        ({"n_layer": -1}, "--model.n_layer -1: give a whole number >= 0"),
+        ({"dropout": 1.0}, r"--model.dropout 1.0: give a rate in \[0, 1\)"),
+        ({"norm": "middle"}, "--model.norm 'middle': give one of pre, post, none"),
     ],
 )
 def test_impossible_shapes_fail_at_construction_naming_the_field(overrides, message):

@@ -1,5 +1,7 @@
 """Property tests: the tokenizer round trip and the sampling settings, over generated inputs."""
 
+import math
+
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -64,7 +66,7 @@ def test_valid_sampling_settings_extend_the_prompt(prompt_len, max_new_tokens, t
     top_k=st.one_of(st.none(), st.integers(-100, 200)),
 )
 def test_sampling_settings_are_accepted_exactly_when_valid(max_new_tokens, temperature, top_k):
-    valid = max_new_tokens >= 0 and temperature > 0 and (top_k is None or 1 <= top_k <= len(VOCAB))
+    valid = max_new_tokens >= 0 and 0 < temperature < math.inf and (top_k is None or 1 <= top_k <= len(VOCAB))
     try:
         check_sampling(max_new_tokens, temperature, top_k, len(VOCAB))
     except UserError:
