@@ -31,8 +31,9 @@ def main() -> None:
     # fit writes to a fresh version_N folder; one that has checkpoints is one the user asked for
     # (a resumed run, or a fixed --trainer.logger.init_args.version).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
-    # Advertisements for Lightning's cloud services, printed on every run.
+    # Advertisements for Lightning's cloud services, printed on every run; and the seed (config.yaml records it).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLines("💡 Tip"))
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(DropLines("Seed set to"))
     # "Received SIGTERM: 2" on Ctrl-C: the interrupt callback says what the signal did instead.
     logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(DropLines("[rank"))
     if torch.cuda.is_available():

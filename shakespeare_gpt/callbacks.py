@@ -134,7 +134,8 @@ class Throughput(Callback):
 
     Args:
         peak_flops: the device's peak FLOP/s for the training dtype, for MFU. By default Lightning's
-            table of known GPUs (e.g. 989e12 for an H100 in bf16); give it for a CPU or other device.
+            table of known GPUs (e.g. 989e12 for an H100 in bf16); give it for a CPU (without it a
+            CPU run logs tokens/s only) or another GPU.
     """
 
     def __init__(self, peak_flops: float | None = None) -> None:
@@ -146,7 +147,7 @@ class Throughput(Callback):
         if self.peak_flops is None and stage == "fit":
             dtype = torch.bfloat16 if "bf16" in str(trainer.precision) else torch.float32
             self.peak_flops = get_available_flops(trainer.strategy.root_device, dtype)
-            if self.peak_flops is None:
+            if self.peak_flops is None and trainer.strategy.root_device.type != "cpu":
                 rank_zero_warn("peak FLOP/s of this device unknown: set --throughput.peak_flops to log perf/mfu")
 
     def restart(self) -> None:

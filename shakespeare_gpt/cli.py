@@ -157,6 +157,7 @@ class ShakespeareCLI(LightningCLI):
         self.runtime_settings = {k: config.model.get(k) for k in RUNTIME_SETTINGS}
         self.run_lock = None
         check_device(config.trainer)
+        check_precision(config.trainer)
         if subcommand in ("fit", None):
             check_fit(config)
         if subcommand == "predict":
@@ -187,6 +188,10 @@ class ShakespeareCLI(LightningCLI):
     def explain(self, error: ArgumentError, args) -> str:
         """jsonargparse's error in one line, with the closest known option where one is close."""
         message = " ".join(str(error).split())
+        kinds = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+        if m := re.fullmatch(r'Parser key "([\w.]+)": Expected a <class \'(\w+)\'>\. Got value: (.*)', message):
+            key, kind, value = m.groups()
+            return f"--{key} {value}: give {kinds.get(kind, kind)}; see {PROG} --help"
         argv = list(args) if isinstance(args, list) else sys.argv[1:]
         subcommand = next((a for a in argv if a in self.parsers), None)
         if len(self.parsers) == 1:  # no subcommands
@@ -242,6 +247,20 @@ def check_device(trainer: Namespace) -> None:
         raise UserError(
             "this config asks for a CUDA GPU (--trainer.accelerator gpu) and this machine has none: "
             "train with --config configs/cpu.yaml, or add --trainer.accelerator cpu"
+        )
+
+
+def check_precision(trainer: Namespace) -> None:
+    """A note, not an error, for bf16 on a CPU that emulates it (Linux, where /proc/cpuinfo tells)."""
+    on_cpu = trainer.get("accelerator") == "cpu" or not torch.cuda.is_available()
+    cpuinfo = Path("/proc/cpuinfo")
+    if not (on_cpu and str(trainer.get("precision")).startswith("bf16") and cpuinfo.is_file()):
+        return
+    if not re.search(r"\b(avx512_bf16|amx_bf16)\b", cpuinfo.read_text()):
+        print(
+            "note: this CPU has no bf16 instructions (avx512_bf16 or amx_bf16), so bf16 is emulated and slower "
+            "than fp32 here: --trainer.precision 32-true is faster",
+            file=sys.stderr,
         )
 
 

@@ -1,0 +1,242 @@
+"""Every value a user can get wrong ends in one line that names it, before anything is written.
+
+Each case runs the command line (in-process for speed; ``test_entry_point_*`` run the real
+``shakespeare-gpt`` script) in an empty folder and checks: exit status 1, the last line of stderr
+is the expected ``error: ...``, no traceback, and the folder is as it was. The tools' own inputs
+(study files, ``ablate --jobs``, ``bench --sections``) are in ``test_tools_input.py``.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from shakespeare_gpt.cli import cli_main
+
+from .conftest import TINY_MODEL_ARGS, TINY_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def refused(args: list[str], capsys) -> str:
+    """Run the CLI with ``args``; assert it exits 1 with one error line and no traceback; return the line."""
+    with pytest.raises(SystemExit) as exc:
+        cli_main(args)
+    assert exc.value.code == 1
+    captured = capsys.readouterr()
+    assert "Traceback" not in captured.err + captured.out
+    lines = [line for line in captured.err.splitlines() if line.strip()]
+    assert lines and lines[-1].startswith("error: ")
+    assert sum(line.startswith("error: ") for line in lines) == 1
+    assert "usage:" not in captured.err
+    return lines[-1]
+
+
+@pytest.fixture
+def folder(tmp_path, monkeypatch) -> Path:
+    """A working folder holding a small corpus ``mine.txt`` and a plain file ``a_file``."""
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text(TINY_TEXT, encoding="utf-8")
+    (tmp_path / "a_file").write_text("not a folder")
+    return tmp_path
+
+
+FIT = ["fit", "--data.corpus=mine.txt", *TINY_MODEL_ARGS, "--trainer.max_steps=2", "--trainer.accelerator=cpu"]
+
+CASES = {
+    # name: (arguments, the error line it must end with, as a regular expression)
+    "gpu config on a cpu machine": (
+        ["fit", f"--config={ROOT / 'configs' / 'shakespeare_char.yaml'}"],
+        r"asks for a CUDA GPU .* train with --config configs/cpu.yaml, or add --trainer.accelerator cpu",
+    ),
+    "batch size 0": ([*FIT, "--data.batch_size=0"], r"--data.batch_size 0: give a whole number >= 1"),
+    "val batch size -3": ([*FIT, "--data.val_batch_size=-3"], r"--data.val_batch_size -3: give a whole number >= 1"),
+    "block size too big for memory": (
+        [*FIT, "--model.block_size=100000"],
+        r"--model.block_size 100000 with batch 64 needs at least \d+ GiB .* more than the \d+ GiB this machine has",
+    ),
+    "block size 0": ([*FIT, "--model.block_size=0"], r"--model.block_size 0: give a whole number >= 1"),
+    "negative learning rate": ([*FIT, "--model.learning_rate=-1"], r"--model.learning_rate -1.0: give a number > 0"),
+    "nan learning rate": ([*FIT, "--model.learning_rate=nan"], r"--model.learning_rate nan: give a number"),
+    "min_lr above the peak": (
+        [*FIT, "--model.min_lr=0.1"],
+        r"--model.min_lr 0.1: give a number from 0 to --model.learning_rate \(0.0003\)",
+    ),
+    "negative warmup": ([*FIT, "--model.warmup_steps=-5"], r"--model.warmup_steps -5: give a whole number >= 0"),
+    "decay steps 0": ([*FIT, "--model.decay_steps=0"], r"--model.decay_steps 0: give a whole number >= 1"),
+    "beta2 of 1": ([*FIT, "--model.beta2=1.0"], r"--model.beta2 1.0: give a number in \[0, 1\)"),
+    "negative weight decay": ([*FIT, "--model.weight_decay=-0.1"], r"--model.weight_decay -0.1: give a number >= 0"),
+    "unknown schedule": (
+        [*FIT, "--model.lr_schedule=linear"],
+        r"model.lr_schedule.*linear",
+    ),
+    "heads that do not divide the width": (
+        [*FIT, "--model.n_head=3"],
+        r"--model.n_head 3 does not divide --model.n_embd 16",
+    ),
+    "dropout of 1": ([*FIT, "--model.dropout=1.0"], r"--model.dropout 1.0: give a rate in \[0, 1\)"),
+    "max steps 0": ([*FIT, "--trainer.max_steps=0"], r"--trainer.max_steps 0: give a number of training steps >= 1"),
+    "cosine schedule without an end": (
+        [*FIT, "--trainer.max_steps=-1", "--model.lr_schedule=cosine"],
+        r"a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps",
+    ),
+    "validation interval 0": (
+        [*FIT, "--trainer.val_check_interval=0"],
+        r"--trainer.val_check_interval 0: give a number of steps >= 1",
+    ),
+    "negative sample tokens": ([*FIT, "--model.sample_tokens=-1"], r"--model.sample_tokens -1: give a number"),
+    "log folder under a file": (
+        [*FIT, "--trainer.logger.init_args.save_dir=a_file/logs"],
+        r"--trainer.logger.init_args.save_dir a_file/logs: a_file is a file, not a folder",
+    ),
+    "checkpoint folder under a file": (
+        [*FIT, "--checkpoint.dirpath=a_file/ckpts"],
+        r"--checkpoint.dirpath a_file/ckpts: a_file is a file, not a folder",
+    ),
+    "corpus that does not exist": (
+        [*FIT, "--data.corpus=missing.txt"],
+        r"--data.corpus missing.txt does not exist: give a text file, an http\(s\) URL, or tinyshakespeare",
+    ),
+    "wrong checksum": (
+        [*FIT, "--data.sha256=" + "0" * 64],
+        r"the corpus mine.txt has sha256 [0-9a-f]{64}, not the --data.sha256 0{64} asked for",
+    ),
+    "malformed checksum": ([*FIT, "--data.sha256=abc"], r"--data.sha256 'abc': give 64 lowercase hex digits"),
+    "mistyped flag": (
+        [*FIT, "--model.lerning_rate=1e-3"],
+        r"unrecognized arguments: --model.lerning_rate=1e-3; did you mean --model.learning_rate\?",
+    ),
+    "sampling flag given to fit": (
+        [*FIT, "--data.prompt=ROMEO:"],
+        r"unrecognized arguments: --data.prompt=ROMEO:; sampling settings are --sample.prompt, given to predict",
+    ),
+    "mistyped subcommand": (["fti"], r"invalid choice: 'fti' .*; did you mean fit\?"),
+    "type error": ([*FIT, "--data.batch_size=twelve"], r"--data.batch_size twelve: give a whole number"),
+    "predict without a checkpoint": (
+        ["predict", "--sample.prompt=ROMEO:"],
+        r"predict samples from a trained model: add --ckpt_path \(give a .ckpt file",
+    ),
+    "predict from a folder with no run": (
+        ["predict", "--ckpt_path=."],
+        r"--ckpt_path \.: no run here \(no checkpoints/ or version_N/ folder\)",
+    ),
+    "validate with --ckpt_path last": (
+        ["validate", "--ckpt_path=last"],
+        r"--ckpt_path last continues a training run; to validate, give a checkpoint or a run folder",
+    ),
+    "resume with nothing to resume": (
+        [*FIT, "--ckpt_path=last"],
+        r"nothing to resume: there is no run under lightning_logs; start one without --ckpt_path",
+    ),
+}
+
+
+@pytest.mark.parametrize("args,message", list(CASES.values()), ids=list(CASES))
+def test_bad_value_is_one_line_that_names_it_and_nothing_is_written(args, message, folder, capsys):
+    before = snapshot(folder)
+    line = refused(args, capsys)
+    assert re.search(message, line), line
+    assert snapshot(folder) == before
+
+
+def test_mistyped_config_key_gets_one_line_and_a_suggestion(folder, capsys):
+    (folder / "mine.yaml").write_text("model:\n  lerning_rate: 1.0e-3\n")
+    line = refused([*FIT, "--config=mine.yaml"], capsys)
+    assert (
+        line
+        == "error: Subcommand 'fit' does not accept option 'model.lerning_rate'; did you mean --model.learning_rate?"
+    )
+
+
+@pytest.mark.parametrize(
+    "content,message",
+    [
+        (b"", r"the corpus .*own.txt is empty: give a file with text in it"),
+        (b"\xff\xfeR\x00O\x00", r"the corpus .*own.txt is not UTF-8 text \(byte 0xff at offset 0\): convert it"),
+        (b"To be", r"the corpus own.txt has 5 characters: too short for one window of block_size \+ 1 = 17"),
+    ],
+    ids=["empty", "utf-16", "too short"],
+)
+def test_unusable_corpus_names_the_file(content, message, folder, capsys):
+    (folder / "own.txt").write_bytes(content)
+    before = snapshot(folder)
+    line = refused([*FIT, "--data.corpus=own.txt"], capsys)
+    assert re.search(message, line), line
+    assert snapshot(folder) == before
+
+
+@pytest.fixture
+def checkpoint(corpus_dir, tmp_path_factory) -> Path:
+    """A tiny trained run's ``last.ckpt``."""
+    from .conftest import tiny_fit_args
+
+    run = tmp_path_factory.mktemp("run")
+    cwd = Path.cwd()
+    try:
+        os.chdir(run)
+        cli_main(tiny_fit_args(corpus_dir, 2))
+    finally:
+        os.chdir(cwd)
+    return run / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+
+
+@pytest.mark.parametrize(
+    "extra,message",
+    [
+        (["--writer.path=a_file/samples.txt"], r"--writer.path a_file/samples.txt: a_file is a file, not a folder"),
+        (["--writer.path=."], r"--writer.path \. is a folder: give the path of a file to write"),
+        (["--sample.temperature=0"], r"--sample.temperature 0.0: give a finite number > 0"),
+        (["--sample.top_k=0"], r"--sample.top_k 0: give a number from 1"),
+        (["--sample.num_samples=0"], r"--sample.num_samples 0: give a number >= 1"),
+        (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give a number of characters >= 0"),
+        (["--sample.prompt="], r"--sample.prompt is empty"),
+        (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
+    ],
+    ids=[
+        "writer under a file",
+        "writer is a folder",
+        "temperature",
+        "top_k",
+        "num_samples",
+        "tokens",
+        "empty",
+        "chars",
+    ],
+)
+def test_bad_predict_values_print_no_sample_and_write_nothing(extra, message, checkpoint, folder, capsys):
+    before = snapshot(folder)
+    line = refused(["predict", f"--ckpt_path={checkpoint}", "--trainer.logger=false", *extra], capsys)
+    assert re.search(message, line), line
+    assert snapshot(folder) == before
+
+
+def test_entry_point_prints_one_line_and_no_third_party_noise(tmp_path):
+    """The installed ``shakespeare-gpt`` script: one line on stderr, nothing on stdout, exit 1."""
+    script = shutil.which("shakespeare-gpt") or str(Path(sys.executable).parent / "shakespeare-gpt")
+    result = subprocess.run(
+        [script, "fit", "--data.batch_size", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr == "error: --data.batch_size 0: give a whole number >= 1\n"
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_entry_point_predict_without_checkpoint(tmp_path):
+    result = subprocess.run(
+        [sys.executable, "-m", "shakespeare_gpt", "predict"], cwd=tmp_path, capture_output=True, text=True, timeout=120
+    )
+    assert result.returncode == 1
+    assert result.stderr.startswith("error: predict samples from a trained model: add --ckpt_path")
+    assert len(result.stderr.splitlines()) == 1
+    assert list(tmp_path.iterdir()) == []
