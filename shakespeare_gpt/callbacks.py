@@ -98,19 +98,16 @@ class TensorBoard(TensorBoardLogger):
     """Lightning's TensorBoard logger, laid out for this project.
 
     The Custom Scalars tab draws train and val loss on one chart, then the learning rate and the
-    throughput; the Scalars tab has no ``epoch`` chart (an "epoch" here is only the sampler's
+    throughput (the other charts, val bits per character and MFU among them, are under Scalars);
+    the Scalars tab has no ``epoch`` chart (an "epoch" here is only the sampler's
     length, and Lightning adds that chart to every logger).
     """
 
     LAYOUT = {
-        "Loss": {
-            "train and val loss (nats per character)": ["Multiline", [r"^(train|val|train_eval)/loss$"]],
-            "val bits per character": ["Multiline", [r"^val/bpc$"]],
-        },
+        "Loss": {"train and val loss (nats per character)": ["Multiline", [r"^(train|val|train_eval)/loss$"]]},
         "Training": {
             "learning rate": ["Multiline", [r"^train/lr"]],
             "throughput (tokens/s)": ["Multiline", [r"^perf/tokens_per_s$"]],
-            "model FLOPs utilisation": ["Multiline", [r"^perf/mfu$"]],
         },
     }
 

@@ -1,0 +1,153 @@
+"""The README's commands, run as written, so the README cannot drift from the code.
+
+Every line of a ``bash`` block in the README must be one of the commands handled here, and each
+is run in order, in one scratch folder, as a user would type it, with only these additions to
+stay fast: training commands get a tiny model and a few steps (``SMALL``), ``make demo`` gets
+them through its ``FIT_ARGS`` and uses the installed environment, the study runs two variants at
+one learning rate and seed for a few steps, and TensorBoard is started on the logs and asked what
+it serves. ``make test`` is what CI runs (``.ci/run``), so it is checked to be there, not run.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shlex
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+
+from .conftest import TINY_MODEL_ARGS, TINY_TEXT
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+SMALL = [
+    *TINY_MODEL_ARGS,
+    "--data.batch_size=4",
+    "--trainer.val_check_interval=2",
+    "--trainer.log_every_n_steps=1",
+    "--trainer.enable_progress_bar=false",
+]
+
+
+def readme_commands() -> list[str]:
+    """Every command line of the README's ``bash`` blocks, comments dropped, in order."""
+    blocks = re.findall(r"```bash\n(.*?)```", (ROOT / "README.md").read_text(), flags=re.S)
+    lines = [line.split(" #")[0].strip() for block in blocks for line in block.splitlines()]
+    return [line for line in lines if line and not line.startswith("#")]
+
+
+def run(cmd: list[str], cwd: Path, timeout: int = 300) -> subprocess.CompletedProcess:
+    result = subprocess.run(cmd, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert result.returncode == 0, f"{shlex.join(cmd)} failed:\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}"
+    return result
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def small_study(folder: Path) -> None:
+    """configs/ablations/seed_study.yaml cut to two variants, one learning rate, one seed, four steps."""
+    path = folder / "configs" / "ablations" / "seed_study.yaml"
+    study = yaml.safe_load(path.read_text())
+    study["variants"] = {"baseline": [], "no_ffwd": ["no_ffwd.yaml"]}
+    study["learning_rates"], study["seeds"] = [1.0e-3], [0]
+    study["args"] = ["--trainer.max_steps=4", "--trainer.val_check_interval=2"]
+    path.write_text(yaml.safe_dump(study))
+
+
+def check_tensorboard(folder: Path, logdir: str) -> None:
+    """Start TensorBoard as the README says and ask it what a newcomer would see first."""
+    port = free_port()
+    server = subprocess.Popen(
+        [str(BIN / "tensorboard"), "--logdir", logdir, "--port", str(port), "--host", "127.0.0.1"],
+        cwd=folder,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    base = f"http://127.0.0.1:{port}/data"
+
+    def get(path: str):
+        with urllib.request.urlopen(base + path, timeout=10) as response:
+            return json.loads(response.read())
+
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                plugins = get("/plugins_listing")
+                tags = get("/plugin/scalars/tags")
+                if tags:
+                    break
+            except OSError:
+                pass
+            assert time.monotonic() < deadline, "TensorBoard did not come up with the runs in 60 s"
+            time.sleep(0.5)
+        assert plugins["custom_scalars"]["enabled"] and plugins["text"]["enabled"]
+        run_tags = next(t for run, t in tags.items() if run.startswith("cpu/"))
+        assert {"train/loss", "val/loss", "val/bpc"} <= set(run_tags) and "epoch" not in run_tags
+        layout = get("/plugin/custom_scalars/layout")
+        first = layout["category"][0]
+        assert first["title"] == "Loss"
+        assert first["chart"][0]["multiline"]["tag"] == [r"^(train|val|train_eval)/loss$"]
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def test_every_readme_command_runs_as_written(tmp_path):
+    commands = readme_commands()
+    assert commands[:2] == ["make demo", "make test"], "the two commands come first"
+    folder = tmp_path / "clone"
+    folder.mkdir()
+    for name in ("Makefile", "pyproject.toml"):
+        shutil.copy(ROOT / name, folder / name)
+    shutil.copytree(ROOT / "configs", folder / "configs")
+    (folder / "my_text.txt").write_text(TINY_TEXT)  # the tour's "text of your own"
+    small_study(folder)
+    handled = []
+    for line in commands:
+        words = shlex.split(line)
+        if line == "make demo":
+            # The installed environment stands in for .venv: -o keeps make from reinstalling it.
+            venv = BIN.parent
+            fit_args = " ".join([*SMALL, "--trainer.max_steps=4"])
+            out = run(["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"FIT_ARGS={fit_args}"], folder)
+            assert out.stdout.count("----- sample") == 2
+            assert (folder / "lightning_logs" / "samples.txt").read_text().count("----- sample") == 2
+        elif line == "make test":
+            assert "make test" in (ROOT / ".ci" / "run").read_text()  # CI runs it; here it would recurse
+        elif words[0] == "shakespeare-gpt":
+            extra = []
+            if words[1] == "fit":
+                steps = 6 if "--ckpt_path" in words else 4  # a resumed run goes on from the last one's 4
+                extra = [*SMALL, f"--trainer.max_steps={steps}"]
+                if "ddp" in words:
+                    extra += ["--trainer.max_steps=2"]
+            elif words[1] == "predict":
+                extra = ["--sample.max_new_tokens=20"]
+            out = run([str(BIN / "shakespeare-gpt"), *words[1:], *extra], folder)
+            if words[1] == "predict":
+                assert out.stdout.count("----- sample 1 -----\nROMEO:") == 1
+            if "--ckpt_path" in words and words[1] == "fit":
+                assert "Restoring states" in out.stderr + out.stdout
+        elif words[:2] == ["tensorboard", "--logdir"]:
+            check_tensorboard(folder, words[2])
+        elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.ablate"]:
+            run([sys.executable, *words[1:]], folder)
+            report = folder / "reports" / "seed_study" / "README.md"
+            assert "no_ffwd" in report.read_text()
+        else:
+            pytest.fail(f"the README's command {line!r} is not run by this test: add it here")
+        handled.append(line)
+    assert handled == commands
