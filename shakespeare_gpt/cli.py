@@ -34,7 +34,7 @@ from .callbacks import (
     Throughput,
     lock_run,
 )
-from .data import ShakespeareDataModule
+from .data import CharTokenizer, ShakespeareDataModule
 from .errors import UserError
 from .lightning_module import ShakespeareGPT
 from .model import GPTConfig
@@ -66,7 +66,11 @@ def described(method, doc: str):
 
 
 class Trainer(L.Trainer):
-    """Lightning's ``Trainer``; only the subcommands' descriptions in ``--help`` are this project's."""
+    """Lightning's Trainer: where, how long and in which precision to run (its own flags, as Lightning documents them).
+
+    Only the subcommands' one-sentence descriptions in ``--help`` are this project's: Lightning's
+    own docstrings run on for a paragraph.
+    """
 
     fit = described(
         L.Trainer.fit,
@@ -144,6 +148,7 @@ class ShakespeareCLI(LightningCLI):
             )
             parser.add_lightning_class_args(Throughput, "throughput")
         if subcommand == "predict":
+            parser.set_defaults({"trainer.logger": False})  # sampling has nothing to chart
             parser.add_class_arguments(Sampling, "sample")
             parser.add_lightning_class_args(SampleWriter, "writer")
 
@@ -182,6 +187,8 @@ class ShakespeareCLI(LightningCLI):
                 print(f"checkpoint: {config.ckpt_path}", file=sys.stderr)
             ckpt = read_checkpoint(config.ckpt_path)
         check_matches(config.model, ckpt, config.ckpt_path)
+        if subcommand == "predict":  # the prompt against the checkpoint's vocabulary, before any work
+            Sampling(**config.sample.as_dict()).request(CharTokenizer(ckpt["hyper_parameters"]["vocab"]))
         if run is not None and rank_zero_only.rank == 0:  # the other processes of a run are started by this one
             self.run_lock = lock_run(run)
 

@@ -183,6 +183,38 @@ def test_help_lists_every_architecture_field_with_its_description(capsys):
     assert "include the linear projection after the concatenated heads" in out
 
 
+def help_of(args: list[str], capsys) -> str:
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*args, "--help"])
+    assert exc.value.code == 0
+    return " ".join(capsys.readouterr().out.split())  # the help text wraps lines
+
+
+def test_help_names_the_project_and_describes_each_subcommand_in_a_sentence(capsys):
+    out = help_of([], capsys)
+    assert out.startswith("usage: shakespeare-gpt ")
+    assert "shakespeare-gpt: train a character-level GPT written from scratch" in out
+    for sentence in (
+        "fit Train a model, from scratch or resumed; logs and checkpoints go under lightning_logs/.",
+        "validate Report a checkpoint's loss and bits per character on the val split.",
+        "predict Sample text from a checkpoint: printed, and written to --writer.path.",
+    ):
+        assert sentence in out
+
+
+def test_help_of_each_subcommand_shows_defaults_and_only_its_own_flags(capsys):
+    fit = help_of(["fit"], capsys)
+    assert fit.startswith("usage: shakespeare-gpt fit [options]")
+    assert "--data.batch_size BATCH_SIZE training windows per step. (type: int, default: 64)" in fit
+    assert "--data.corpus CORPUS ``tinyshakespeare`` (bundled with the package: no network)" in fit
+    assert "--checkpoint.monitor" in fit and "--throughput.peak_flops" in fit
+    assert "--sample." not in fit and "--writer." not in fit  # sampling is predict's
+    predict = help_of(["predict"], capsys)
+    assert "--sample.temperature TEMPERATURE > 0; below 1 is more conservative" in predict
+    assert "default: 1.0" in predict and "--writer.path" in predict
+    assert "--checkpoint." not in predict and "--throughput." not in predict
+
+
 def test_validate_with_ckpt_path_last_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     with pytest.raises(SystemExit) as exc:

@@ -215,7 +215,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
 )
 def test_bad_predict_values_print_no_sample_and_write_nothing(extra, message, checkpoint, folder, capsys):
     before = snapshot(folder)
-    line = refused(["predict", f"--ckpt_path={checkpoint}", "--trainer.logger=false", *extra], capsys)
+    line = refused(["predict", f"--ckpt_path={checkpoint}", *extra], capsys)
     assert re.search(message, line), line
     assert snapshot(folder) == before
 
