@@ -1,5 +1,7 @@
 """End to end through LightningCLI: fit a few steps, resume, predict from the checkpoint with no data."""
 
+import socket
+import warnings
 from pathlib import Path
 
 import pytest
@@ -8,7 +10,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from shakespeare_gpt.cli import build, cli_main
 
-from .conftest import tiny_fit_args
+from .conftest import TINY_TEXT, tiny_fit_args
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -85,10 +87,52 @@ def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatc
 
 def test_fit_resumes_from_last(trained, corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cli = cli_main([*tiny_fit_args(corpus_dir, max_steps=6), "--ckpt_path=last"])
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        cli = cli_main([*tiny_fit_args(corpus_dir, max_steps=6), "--ckpt_path=last"])
+    # The train loader's batches follow from the step, and it says so: no "not resumable" warning.
+    assert not [w for w in caught if "not resumable" in str(w.message)]
     assert cli.trainer.global_step == 6
     assert cli.trainer.logger.log_dir == str(Path("lightning_logs") / "version_0")  # same run folder
     assert not (tmp_path / "lightning_logs" / "version_1").exists()
+
+
+def test_validate_and_predict_take_a_run_folder_for_its_best_checkpoint(trained, corpus_dir, tmp_path, capsys):
+    cli = cli_main(["validate", "--ckpt_path=lightning_logs", f"--data.corpus={corpus_dir / 'input.txt'}"])
+    best = next((trained / "checkpoints").glob("best-*.ckpt"))
+    assert f"checkpoint: {Path('lightning_logs') / 'version_0' / 'checkpoints' / best.name}" in capsys.readouterr().err
+    assert cli.trainer.callback_metrics["val/loss"] > 0
+    cli_main(["predict", f"--ckpt_path={trained}", "--sample.max_new_tokens=5", "--sample.prompt=All"])
+    assert "----- sample 1 -----\nAll" in capsys.readouterr().out
+
+
+def test_default_corpus_is_bundled_and_needs_no_network(tmp_path, monkeypatch):
+    """``fit`` with no data option trains on the packaged tiny Shakespeare with every socket refused."""
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket, "socket", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.chdir(tmp_path)
+    args = [a for a in tiny_fit_args(tmp_path, 2) if not a.startswith("--data.corpus")]
+    cli = cli_main(args)
+    assert cli.datamodule.corpus == "tinyshakespeare" and len(cli.datamodule.vocab) == 65
+    assert cli.trainer.global_step == 2
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["lightning_logs"]  # nothing downloaded
+
+
+def test_corpus_from_a_url_is_downloaded_once_then_used_offline(serve, closed_port_url, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url = serve(TINY_TEXT.encode())
+    args = [a for a in tiny_fit_args(tmp_path, 2) if not a.startswith("--data.corpus")]
+    cli = cli_main([*args, f"--data.corpus={url}", "--data.cache_dir=cache"])
+    assert cli.datamodule.vocab == "".join(sorted(set(TINY_TEXT)))
+    (copy,) = (tmp_path / "cache").iterdir()
+    assert copy.read_text() == TINY_TEXT
+    served = copy.stat()
+    cli_main([*args, f"--data.corpus={url}", "--data.cache_dir=cache"])  # the copy is used, not replaced
+    assert (copy.stat().st_ino, copy.stat().st_mtime_ns) == (served.st_ino, served.st_mtime_ns)
 
 
 def test_bad_model_shape_is_one_line_error(corpus_dir, tmp_path, monkeypatch, capsys):
