@@ -149,6 +149,19 @@ def test_bad_value_is_one_line_that_names_it_and_nothing_is_written(args, messag
     assert snapshot(folder) == before
 
 
+@pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc, where nobody can create files")
+def test_log_folder_where_nothing_can_be_written_even_by_root(folder, capsys):
+    line = refused([*FIT, "--trainer.logger.init_args.save_dir=/proc/logs"], capsys)
+    assert line.startswith("error: --trainer.logger.init_args.save_dir /proc/logs: cannot write in /proc")
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root writes into read-only folders")
+def test_read_only_log_folder(folder, capsys):
+    (folder / "logs").mkdir(mode=0o555)
+    line = refused([*FIT, "--trainer.logger.init_args.save_dir=logs"], capsys)
+    assert line.startswith("error: --trainer.logger.init_args.save_dir logs: cannot write in logs (Permission denied)")
+
+
 def test_mistyped_config_key_gets_one_line_and_a_suggestion(folder, capsys):
     (folder / "mine.yaml").write_text("model:\n  lerning_rate: 1.0e-3\n")
     line = refused([*FIT, "--config=mine.yaml"], capsys)
