@@ -10,10 +10,12 @@ import dataclasses
 import difflib
 import functools
 import inspect
+import logging
 import os
 import re
 import sys
 import tempfile
+import warnings
 from pathlib import Path
 
 import lightning as L
@@ -497,6 +499,33 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
         args=args,
         run=run,
     )
+
+
+class DropLines(logging.Filter):
+    """Drops log records whose message starts with one of ``prefixes``."""
+
+    def __init__(self, *prefixes: str) -> None:
+        super().__init__()
+        self.prefixes = prefixes
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith(self.prefixes)
+
+
+def quiet_third_party() -> None:
+    """Process-wide: drop third-party warnings and log lines that do not apply here. For entry points only."""
+    # Lightning 2.6 on torch 2.13 warns about a torch-internal deprecation on every run.
+    warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\).*")
+    # Sampling or validating a checkpoint needs none of the callbacks that wrote it.
+    warnings.filterwarnings("ignore", message=r"Be aware that when using `ckpt_path`, callbacks used to create")
+    # fit writes to a fresh version_N folder; one that has checkpoints is one the user asked for
+    # (a resumed run, or a fixed --trainer.logger.init_args.version).
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Advertisements for Lightning's cloud services, printed on every run; and the seed (config.yaml records it).
+    logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLines("💡 Tip"))
+    logging.getLogger("lightning.fabric.utilities.seed").addFilter(DropLines("Seed set to"))
+    # "Received SIGTERM: 2" on Ctrl-C: the interrupt callback says what the signal did instead.
+    logging.getLogger("lightning.pytorch.trainer.connectors.signal_connector").addFilter(DropLines("[rank"))
 
 
 def cli_main(args: list[str] | None = None) -> ShakespeareCLI:

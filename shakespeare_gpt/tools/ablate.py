@@ -22,7 +22,7 @@ from pathlib import Path
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-from ..cli import build
+from ..cli import build, quiet_third_party
 from ..errors import NonFiniteLossError, UserError
 from .checks import ToolParser, cli_refusal, fail, whole, writable_place
 from .report import write_report
@@ -211,6 +211,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    quiet_third_party()
     # The study's own arguments; its runs get theirs through cli.build, not from the command line.
     argv, sys.argv[1:] = sys.argv[1:], []
     main(argv)

@@ -31,7 +31,7 @@ from pathlib import Path
 import torch
 from lightning.pytorch.callbacks import Callback
 
-from ..cli import build
+from ..cli import build, quiet_third_party
 from ..errors import UserError
 from ..lightning_module import ShakespeareGPT
 from ..sampling import generate
@@ -345,6 +345,7 @@ def table(result: dict) -> str:
 
 
 if __name__ == "__main__":
+    quiet_third_party()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # as python -m shakespeare_gpt does
     # The benchmark's own arguments; the runs it builds get theirs through cli.build.
