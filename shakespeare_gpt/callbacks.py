@@ -327,7 +327,7 @@ class InterruptCheckpoint(Callback):
     def _save(self, trainer, pl_module) -> Path | None:
         if (path := self._path(trainer)) is None or not all(p.isfinite().all() for p in pl_module.parameters()):
             return None  # NaN weights never replace the last good checkpoint
-        trainer.save_checkpoint(path)
+        trainer.save_checkpoint(path, weights_only=False)  # the whole state: a resume needs all of it
         self.saved_step = trainer.global_step
         return path
 

@@ -14,7 +14,6 @@ import logging
 import os
 import re
 import sys
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -37,7 +36,7 @@ from .callbacks import (
     lock_run,
 )
 from .data import CharTokenizer, ShakespeareDataModule
-from .errors import UserError
+from .errors import UserError, check_writable
 from .lightning_module import ShakespeareGPT
 from .model import GPTConfig
 from .sampling import Sampling
@@ -125,6 +124,13 @@ class ShakespeareCLI(LightningCLI):
         self.parsers: dict[str, LightningArgumentParser] = {}  # each subcommand's, for "did you mean"
         super().__init__(*args, **kwargs)
 
+    def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        # The project's settings first in --help, Lightning's Trainer (some 50 flags) after them.
+        parser.add_lightning_class_args(ShakespeareGPT, "model")
+        parser.add_lightning_class_args(ShakespeareDataModule, "data")
+        parser.add_lightning_class_args(self.trainer_class, "trainer")
+        parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # build() names each subcommand's parser "shakespeare-gpt <subcommand>"; without subcommands
         # (the tools' use of build) the one parser is for fit.
@@ -149,8 +155,10 @@ class ShakespeareCLI(LightningCLI):
                 }
             )
             parser.add_lightning_class_args(Throughput, "throughput")
+        if subcommand in ("validate", "test", "predict"):
+            # One number, or samples: nothing to chart, and no new run folder among the runs.
+            parser.set_defaults({"trainer.logger": False})
         if subcommand == "predict":
-            parser.set_defaults({"trainer.logger": False})  # sampling has nothing to chart
             parser.add_class_arguments(Sampling, "sample")
             parser.add_lightning_class_args(SampleWriter, "writer")
 
@@ -172,13 +180,13 @@ class ShakespeareCLI(LightningCLI):
             if not config.get("ckpt_path"):
                 raise UserError(f"predict samples from a trained model: add --ckpt_path ({CHECKPOINT_HINT})")
         ckpt_path = subcommand and config.get("ckpt_path")
+        if ckpt_path in ("last", "best") and subcommand != "fit":
+            raise UserError(
+                f"--ckpt_path {ckpt_path} names a checkpoint of a training run in progress; to {subcommand}, give a "
+                "checkpoint or a run folder (e.g. lightning_logs/cpu)"
+            )
         if not ckpt_path or ckpt_path == "best":
             return
-        if ckpt_path == "last" and subcommand != "fit":
-            raise UserError(
-                f"--ckpt_path last continues a training run; to {subcommand}, give a checkpoint or a run folder "
-                "(e.g. lightning_logs/cpu)"
-            )
         # Before Lightning reads the checkpoint, and before anything is written: one line, not a traceback.
         run = None
         if ckpt_path == "last":
@@ -197,18 +205,33 @@ class ShakespeareCLI(LightningCLI):
     def explain(self, error: ArgumentError, args) -> str:
         """jsonargparse's error in one line, with the closest known option where one is close."""
         message = " ".join(str(error).split())
-        kinds = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
-        if m := re.fullmatch(r'Parser key "([\w.]+)": Expected a <class \'(\w+)\'>\. Got value: (.*)', message):
-            key, kind, value = m.groups()
-            return f"--{key} {value}: give {kinds.get(kind, kind)}; see {PROG} --help"
-        argv = list(args) if isinstance(args, list) else sys.argv[1:]
+        argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
         subcommand = next((a for a in argv if a in self.parsers), None)
         if len(self.parsers) == 1:  # no subcommands
             subcommand = next(iter(self.parsers))
-        unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
-        unknown += re.findall(r"does not accept options? '([\w.]+)'", message)
-        if "invalid choice" in message and (close := difflib.get_close_matches(argv[0], self.parsers, n=1)):
+        help_hint = f"see {PROG} {subcommand or ''} --help".replace("  ", " ")
+        if m := re.match(r'Parser key "([\w.]+)": (.*)', message):
+            key, why = m.groups()
+            value = m2.group(1) if (m2 := re.search(r"Got value: (.*?)(?: Errors:|$)", why)) else None
+            value = value or (m3.group(1) if (m3 := re.search(r"Given value: (.*)$", why)) else None)
+            kinds = {"int": "a whole number", "float": "a number", "bool": "true or false", "str": "text"}
+            if m4 := re.match(r"Expected a <class '(\w+)'>", why):
+                return f"--{key} {value}: give {kinds.get(m4.group(1), m4.group(1))}; {help_hint}"
+            if m4 := re.match(r"Expected a typing\.Literal\[(.*?)\]", why):
+                return f"--{key} {value}: give one of {m4.group(1)}; {help_hint}"
+            if "Union subtypes" in why:
+                options = re.findall(r"Expected a (?:<class '(\w+)'>|typing\.Literal\[(.*?)\])", why)
+                choices = [kinds.get(c, c) if c else f"one of {lit}" for c, lit in options if c != "NoneType"]
+                choices += ["null"] if "NoneType" in why else []
+                return f"--{key} {value}: give {' or '.join(choices)}; {help_hint}"
+            return f"--{key}: {why[:200]}; {help_hint}"
+        if (m := re.search(r"invalid choice: '([^']*)'", message)) and (
+            close := difflib.get_close_matches(m.group(1), self.parsers, n=1)
+        ):
             return f"{message}; did you mean {close[0]}?"
+        unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+        unknown += re.findall(r"Subcommand '\w+' does not accept options? '([\w.]+)'", message)
+        unknown += [f"{g}.{k}" for g, k in re.findall(r"Group '([\w.]+)' does not accept options? '([\w.]+)'", message)]
         if subcommand is None or not unknown:
             return message
         known = list(self.parsers[subcommand].get_defaults().keys())
@@ -223,7 +246,6 @@ class ShakespeareCLI(LightningCLI):
                 hints.append(f"did you mean --{close[0]}?")
             elif key.rpartition(".")[2] in {f.name for f in dataclasses.fields(Sampling)}:
                 hints.append(f"sampling settings are --sample.{key.rpartition('.')[2]}, given to predict")
-        help_hint = f"see {PROG} {subcommand} --help"
         return f"{message}; {' '.join(hints) or help_hint}"
 
     def before_instantiate_classes(self) -> None:
@@ -245,6 +267,16 @@ class ShakespeareCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(logging_interval="step"), TextSample()]
+
+    def instantiate_trainer(self, **kwargs):
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (TypeError, ValueError) as e:  # Lightning's refusals of --trainer values (e.g. devices, strategy)
+            raise UserError(f"--trainer settings refused by Lightning: {e}") from None
+
+    def after_instantiate_classes(self) -> None:
+        if self.subcommand in ("validate", "test"):  # the corpus against the checkpoint, before any work
+            self.datamodule.setup(self.subcommand)
 
     def before_predict(self) -> None:
         self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings
@@ -281,44 +313,21 @@ def check_fit(config: Namespace) -> None:
         raise UserError(f"--trainer.max_steps {max_steps!r}: give a number of training steps >= 1")
     if max_steps == -1 and config.model.get("lr_schedule") == "cosine" and config.model.get("decay_steps") is None:
         raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
-    if isinstance(interval, int) and not isinstance(interval, bool) and interval < 1:
-        raise UserError(f"--trainer.val_check_interval {interval}: give a number of steps >= 1")
-    if isinstance(interval, float) and not 0 < interval <= 1:
-        raise UserError(f"--trainer.val_check_interval {interval}: give a number of steps >= 1")
+    if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
+        # Training is counted in steps, not epochs (check_val_every_n_epoch is None): a fraction has no meaning.
+        raise UserError(f"--trainer.val_check_interval {interval}: give a number of steps >= 1 between validations")
     log_every = trainer.get("log_every_n_steps")
     if log_every is not None and log_every < 1:
         raise UserError(f"--trainer.log_every_n_steps {log_every}: give a number of steps >= 1")
-    # Everything fit writes, checked before anything is: the logs, checkpoints and the config copy.
+    # Everything fit writes, checked before anything is: the logs (with config.yaml) and checkpoints.
     logger, dirpath = trainer.get("logger"), config.checkpoint.get("dirpath")
-    if isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir"):
-        check_writable(Path(logger.init_args.save_dir), "--trainer.logger.init_args.save_dir")
+    logs = isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir")
+    if logs:
+        check_writable(Path(logs), "--trainer.logger.init_args.save_dir")
     if dirpath:
         check_writable(Path(dirpath), "--checkpoint.dirpath")
-    check_writable(Path(trainer.get("default_root_dir") or "."), "--trainer.default_root_dir")
-
-
-def check_writable(path: Path, flag: str, folder: bool = True) -> None:
-    """Refuse, in one line, a folder (or file) that cannot be created or written; creates nothing.
-
-    Tries a temporary file in the nearest folder that exists: permission bits alone do not tell
-    (root passes them on read-only mounts and in /proc).
-    """
-    if not folder and path.is_dir():
-        raise UserError(f"{flag} {path} is a folder: give the path of a file to write")
-    existing = path if folder else path.parent
-    while not existing.exists() and existing != existing.parent:
-        existing = existing.parent
-    if not existing.is_dir():
-        raise UserError(f"{flag} {path}: {existing} is a file, not a folder; choose another path")
-    try:
-        with tempfile.TemporaryFile(dir=existing):
-            pass
-    except OSError as e:
-        raise UserError(
-            f"{flag} {path}: cannot write in {existing} ({e.strerror}); choose a folder you can write to"
-        ) from None
-    if not folder and path.exists() and not os.access(path, os.W_OK):
-        raise UserError(f"{flag} {path}: the file is not writable; choose another path")
+    if not logs or not dirpath:  # Lightning's fallback for whatever has no folder of its own
+        check_writable(Path(trainer.get("default_root_dir") or "."), "--trainer.default_root_dir")
 
 
 def check_memory(config: Namespace, subcommand: str | None) -> None:
@@ -326,46 +335,51 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
     model = {k: config.model[k] for k in (f.name for f in dataclasses.fields(GPTConfig)) if k in config.model}
     arch = GPTConfig(**model)  # vocab_size stays at its default (65): a stand-in that changes little
     training = subcommand in ("fit", None)
-    batch = config.data.batch_size if training else (config.data.val_batch_size or config.data.batch_size)
+    batch, flag = config.data.batch_size, "--data.batch_size"
+    if subcommand in ("validate", "test"):
+        batch, flag = config.data.val_batch_size or config.data.batch_size, "--data.val_batch_size"
     if subcommand == "predict":
-        batch = config.sample.num_samples
+        batch, flag = config.sample.num_samples, "--sample.num_samples"
     need = arch.memory_bytes(batch, training)
     cuda = str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    have = (
-        torch.cuda.get_device_properties(0).total_memory
-        if cuda
-        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    )
+    if cuda:
+        have = torch.cuda.get_device_properties(0).total_memory
+    else:
+        have = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     if need > have:
         raise UserError(
-            f"--model.block_size {arch.block_size} with batch {batch} needs at least {need / 2**30:.0f} GiB "
-            f"({'weights, masks and one step' if training else 'weights and masks'}), more than the "
+            f"--model.block_size {arch.block_size} with {flag} {batch} needs at least {need / 2**30:.0f} GiB "
+            f"({'weights, masks and one step' if training else 'weights, masks and activations'}), more than the "
             f"{have / 2**30:.0f} GiB {'this GPU' if cuda else 'this machine'} has: "
-            "choose a smaller --model.block_size (or --data.batch_size)"
+            f"choose a smaller {flag}{' or --model.block_size' if subcommand != 'predict' else ''}"
         )
 
 
+def runs_in(root: Path) -> list[Path]:
+    """The ``version_N`` run folders under ``root``, oldest first."""
+    runs = [p for p in root.glob("version_*") if p.is_dir() and p.name.removeprefix("version_").isdigit()]
+    return sorted(runs, key=lambda p: int(p.name.removeprefix("version_")))
+
+
 def best_checkpoint(folder: Path) -> Path:
-    """The best checkpoint (lowest val loss) of the newest run under ``folder``, else its ``last.ckpt``."""
-    runs = [folder] if (folder / "checkpoints").is_dir() else []
-    runs = runs or sorted(
-        (p for p in folder.glob("version_*") if p.name.removeprefix("version_").isdigit()),
-        key=lambda p: int(p.name.removeprefix("version_")),
-    )
-    if not runs:
-        raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {CHECKPOINT_HINT}")
-    checkpoints = runs[-1] / "checkpoints"
+    """The checkpoint with the lowest val loss among the runs under ``folder``.
+
+    ``folder`` is a run (it holds ``checkpoints/``) or a folder of runs (``version_N``). Without
+    any ``best-*.ckpt`` (runs stopped before their first validation), the newest ``last.ckpt``.
+    """
 
     def val_loss(p: Path) -> float:
         m = re.search(r"val(\d+\.\d+)", p.stem)
         return float(m.group(1)) if m else float("inf")
 
-    best = sorted(checkpoints.glob("best-*.ckpt"), key=val_loss)
-    if best:
+    runs = [folder] if (folder / "checkpoints").is_dir() else runs_in(folder)
+    if not runs:
+        raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {CHECKPOINT_HINT}")
+    if best := sorted((p for run in runs for p in (run / "checkpoints").glob("best-*.ckpt")), key=val_loss):
         return best[0]
-    if (checkpoints / "last.ckpt").is_file():
-        return checkpoints / "last.ckpt"
-    raise UserError(f"--ckpt_path {folder}: the newest run {runs[-1]} has no checkpoint yet; {CHECKPOINT_HINT}")
+    if last := [run / "checkpoints" / "last.ckpt" for run in runs if (run / "checkpoints" / "last.ckpt").is_file()]:
+        return last[-1]
+    raise UserError(f"--ckpt_path {folder}: no run here has a checkpoint yet; {CHECKPOINT_HINT}")
 
 
 def resume(config: Namespace):
@@ -391,12 +405,12 @@ def resume(config: Namespace):
     if args.get("version") is not None:
         run = root / (args.version if isinstance(args.version, str) else f"version_{args.version}")
     else:
-        runs = [p for p in root.glob("version_*") if p.name.removeprefix("version_").isdigit()]
-        if not runs:
+        if not (runs := runs_in(root)):
             raise UserError(f"nothing to resume: there is no run under {root}; start one without --ckpt_path")
-        run = max(runs, key=lambda p: int(p.name.removeprefix("version_")))
-        args.version = run.name
-    if (probe := lock_run(run, create=False)) is not None:  # only asks
+        run = runs[-1]
+        args.version = int(run.name.removeprefix("version_"))  # the same folder; the progress bar shows N
+    # Only asks; the other processes of a multi-process run find the lock their rank 0 took.
+    if rank_zero_only.rank == 0 and (probe := lock_run(run, create=False)) is not None:
         probe.close()
     path = _last_checkpoint(run / "checkpoints", run)
     ckpt = read_checkpoint(str(path))
@@ -473,15 +487,17 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
     ``args``. Bad input raises ``UserError``. ``save_config=False``: no ``config.yaml`` is written
     (the benchmark's runs keep no logs).
     """
+    # Errors come back as exceptions (explain() words them), and no flag is matched by a prefix of its name.
+    strict = {"exit_on_error": False, "allow_abbrev": False}
     subcommands = {
-        name: {"prog": f"{PROG} {name}", "exit_on_error": False, "usage": f"{PROG} {name} [options]"}
+        name: {"prog": f"{PROG} {name}", "usage": f"{PROG} {name} [options]", **strict}
         for name in ShakespeareCLI.subcommands()
     }
     return ShakespeareCLI(
         ShakespeareGPT,
         ShakespeareDataModule,
         trainer_class=Trainer,
-        parser_kwargs={"prog": PROG, "description": DESCRIPTION, "exit_on_error": False, **subcommands},
+        parser_kwargs={"prog": PROG, "description": DESCRIPTION, **strict, **subcommands},
         seed_everything_default=1337,
         save_config_callback=FitConfigSaver if save_config else None,
         save_config_kwargs={"overwrite": True},

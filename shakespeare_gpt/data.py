@@ -18,7 +18,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import UserError
+from .errors import UserError, check_writable
 from .sampling import Sampling
 
 BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
@@ -73,14 +73,17 @@ def ensure_download(
     path = Path(cache_dir) / f"{key}-{name}"
     if path.exists():
         return path
+    check_writable(path.parent, "--data.cache_dir")
+    created = not path.parent.exists()
+    path.parent.mkdir(parents=True, exist_ok=True)
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise UserError(
-            f"cannot create the download folder {path.parent} ({e.strerror}): choose another --data.cache_dir"
-        ) from None
-    if not os.access(path.parent, os.W_OK):
-        raise UserError(f"cannot write to the download folder {path.parent}: choose a writable --data.cache_dir")
+        return _download_with_retries(url, path, sha256, attempts, backoff)
+    finally:
+        if created and not any(path.parent.iterdir()):
+            path.parent.rmdir()  # a failed first download leaves no empty folder behind
+
+
+def _download_with_retries(url: str, path: Path, sha256: str | None, attempts: int, backoff: float) -> Path:
     for attempt in range(attempts):
         try:
             download(url, path, sha256)
@@ -137,6 +140,13 @@ def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = 
         )
     if not data:
         raise UserError(f"the corpus {path} is empty: give a file with text in it")
+    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
+        raise UserError(
+            f"the corpus {path} is UTF-16 text, not UTF-8: convert it first, "
+            f"e.g. iconv -f utf-16 -t utf-8 {path} > corpus.txt"
+        )
+    if b"\0" in data[: 1 << 16]:
+        raise UserError(f"the corpus {path} is not a text file (it holds NUL bytes): give a UTF-8 text file")
     try:
         return data.decode("utf-8")
     except UnicodeDecodeError as e:

@@ -35,8 +35,8 @@ def check_optimizer(learning_rate, lr_schedule, min_lr, warmup_steps, decay_step
         (
             "min_lr",
             min_lr,
-            finite(min_lr) and 0 <= min_lr <= learning_rate,
-            f"give a number from 0 to --model.learning_rate ({learning_rate})",
+            finite(min_lr) and min_lr >= 0 and (lr_schedule != "cosine" or min_lr <= learning_rate),
+            f"give a number from 0 to --model.learning_rate ({learning_rate}): the cosine schedule decays to it",
         ),
         ("warmup_steps", warmup_steps, whole(warmup_steps) and warmup_steps >= 0, "give a whole number >= 0"),
         (

@@ -84,19 +84,19 @@ class GPTConfig:
     def memory_bytes(self, batch_size: int = 0, training: bool = True) -> int:
         """A lower bound on the memory, in bytes, of this model and of one step on ``batch_size`` windows.
 
-        Counts fp32 weights (with gradients and AdamW's two moments when ``training``), the causal
-        masks, and the activations a backward pass keeps. Used to refuse, before anything is
-        allocated, a size that cannot fit: it undercounts, so it never refuses one that can.
+        Counts fp32 weights (with gradients and AdamW's two moments when ``training``), the fp32
+        causal masks, and the activations at 2 bytes each (bf16): for training those every layer
+        keeps for the backward pass, for inference one layer's. Used to refuse, before anything is
+        allocated, a size that cannot fit: it undercounts, so it does not refuse one that can.
         """
         C, T, L, V = self.n_embd, self.block_size, self.n_layer, self.vocab_size
         params = V * C + T * C + L * 12 * C * C + (0 if self.tie_weights else C * V)
-        total = params * (4 if training else 1) + L * T * T  # masks (per layer; 4 bytes each, counted once)
-        if batch_size:
-            per_layer = 10 * T * C  # inputs of the linear layers, norms and activations kept for backward
-            if self.attention == "explicit":
-                per_layer += 2 * self.n_head * T * T  # scores and their softmax
-            total += batch_size * (L * per_layer + 2 * T * V)  # + logits and their softmax
-        return 4 * total
+        weights = 4 * params * (4 if training else 1) + 4 * L * T * T  # + one float mask per layer
+        per_layer = 10 * T * C  # inputs of the linear layers, norms and activations
+        if self.attention == "explicit":
+            per_layer += 2 * self.n_head * T * T  # scores and their softmax
+        activations = batch_size * ((L if training else min(L, 1)) * per_layer + 2 * T * V)  # + logits, softmax
+        return weights + 2 * activations
 
     @property
     def head_size(self) -> int:

@@ -53,7 +53,9 @@ class Sampling:
             raise UserError('--sample.prompt is empty: give at least one character, e.g. --sample.prompt "ROMEO:"')
         if self.num_samples < 1:
             raise UserError(f"--sample.num_samples {self.num_samples}: give a number >= 1")
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k, vocab_size=self.top_k or 1)
+        if self.top_k is not None and self.top_k < 1:
+            raise UserError(f"--sample.top_k {self.top_k}: give a number >= 1 (1 is greedy), or null for all")
+        check_sampling(self.max_new_tokens, self.temperature, None, vocab_size=1)  # top_k: against the vocabulary
 
     def request(self, tokenizer) -> dict:
         """The predict batch: ``num_samples`` copies of the encoded prompt, and these settings."""

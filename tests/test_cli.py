@@ -259,17 +259,6 @@ def test_help_of_each_subcommand_shows_defaults_and_only_its_own_flags(capsys):
     assert "--checkpoint." not in predict and "--throughput." not in predict
 
 
-def test_validate_with_ckpt_path_last_is_refused_in_one_line(tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    with pytest.raises(SystemExit) as exc:
-        cli_main(["validate", "--ckpt_path=last"])
-    assert exc.value.code == 1
-    assert capsys.readouterr().err.strip().splitlines() == [
-        "error: --ckpt_path last continues a training run; to validate, give a checkpoint or a run folder "
-        "(e.g. lightning_logs/cpu)"
-    ]
-
-
 def test_last_checkpoint_holds_the_final_step_when_it_was_not_a_validation_step(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     cli_main(tiny_fit_args(corpus_dir, 5))  # validations at steps 2 and 4, the run ends at 5

@@ -78,13 +78,13 @@ def test_transient_failures_are_retried(serve, tmp_path):
     assert path.read_bytes() == payload
 
 
-def test_download_folder_that_cannot_be_created_is_named(tmp_path, closed_port_url):
+def test_download_folder_that_cannot_be_created_is_named_and_nothing_is_left(tmp_path, closed_port_url):
     (tmp_path / "a_file").write_text("not a folder")
-    with pytest.raises(
-        UserError,
-        match=r"cannot create the download folder .*a_file/data \(Not a directory\): choose another --data.cache_dir",
-    ):
+    with pytest.raises(UserError, match=r"--data.cache_dir .*a_file/data: .*a_file is a file, not a folder"):
         ensure_download(closed_port_url, tmp_path / "a_file" / "data")
+    with pytest.raises(UserError, match="could not download"):
+        ensure_download(closed_port_url, tmp_path / "new" / "cache", backoff=0)
+    assert not (tmp_path / "new" / "cache").exists()  # the failed first download leaves no empty folder
 
 
 def test_bundled_corpus_is_tiny_shakespeare_verified():

@@ -103,7 +103,7 @@ def test_bench_misspelt_section_is_one_line_with_a_suggestion(place):
         (["--jobs=-1"], "error: --jobs -1: give the number of runs in parallel, a whole number >= 1 (e.g. --jobs 2)"),
         (["--jobs", "two"], "--jobs two: give the number of runs in parallel, a whole number >= 1"),
         (["--jbos", "2"], "unrecognized arguments: --jbos 2 (did you mean --jobs?)"),
-        (["--logs", "base.yaml"], "--logs base.yaml: base.yaml is a file, not a folder"),
+        (["--logs", "base.yaml"], "--logs base.yaml: base.yaml is a file, not a folder; choose another path"),
         (["--report", "base.yaml/r"], "--report base.yaml/r: base.yaml is a file, not a folder"),
         (["--report-only=yes"], "argument --report-only: ignored explicit argument 'yes'"),
     ],
@@ -209,13 +209,23 @@ def test_the_good_study_file_loads(place):
     assert list(study.variants) == ["baseline", "nd"] and study.seeds == [0] and study.args == []
 
 
-def test_variant_the_cli_refuses_is_one_line_before_any_run(place, capsys):
-    (place / "bad.yaml").write_text("model:\n  n_layr: 2\n")
+@pytest.mark.parametrize(
+    ("variant", "why"),
+    [
+        ("model:\n  n_layr: 2\n", "did you mean --model.n_layer?"),  # a key the parser does not know
+        ("data:\n  batch_size: 0\n", "--data.batch_size 0: give a whole number >= 1"),  # a value the data refuses
+        ("trainer:\n  max_steps: 0\n", "--trainer.max_steps 0: give a number of training steps >= 1"),
+        ("model:\n  n_head: 5\n", "--model.n_head 5 does not divide --model.n_embd 16"),
+    ],
+    ids=["unknown key", "data value", "trainer value", "model shape"],
+)
+def test_variant_the_cli_refuses_is_one_line_before_any_run(variant, why, place, capsys):
+    (place / "bad.yaml").write_text(variant)
     (place / "study.yaml").write_text(GOOD_STUDY.replace("{baseline: [], nd: [v.yaml]}", "{nd: [bad.yaml]}"))
     before = files(place)
     line = refused(ablate.main, ["study.yaml", f"--logs={place / 'logs'}", f"--report={place / 'report'}"], capsys)
     assert line.startswith("error: study file study.yaml: variant nd (")
-    assert "bad.yaml): the CLI refuses it: " in line
+    assert "bad.yaml): the CLI refuses it: " in line and why in line
     assert files(place) == before
 
 
@@ -233,7 +243,7 @@ def test_variant_the_cli_refuses_is_one_line_before_any_run(place, capsys):
         (["--fit-repeats", "0"], "--fit-repeats 0: give the number of whole fits, a whole number >= 1"),
         (["--gen-tokens", "1.5"], "--gen-tokens 1.5: give the number of tokens, a whole number >= 1"),
         (["--config", "v.yaml"], "--config given 2 times (base.yaml, v.yaml): the benchmark takes one config"),
-        (["--out", "."], "--out .: that is a folder; give the path of a file"),
+        (["--out", "."], "--out . is a folder: give the path of a file to write"),
         (["--stpes", "3"], "--stpes: not a benchmark flag (did you mean --steps?), and the CLI refuses it: "),
         (["--model.n_layer=abc"], "--config base.yaml with --model.n_layer=abc: the CLI refuses it: "),
     ],

@@ -19,7 +19,7 @@ from contextlib import redirect_stderr, redirect_stdout
 from pathlib import Path
 from typing import NoReturn
 
-from ..errors import UserError
+from ..errors import UserError, check_writable
 
 
 def show(value: object, limit: int = 80) -> str:
@@ -72,37 +72,30 @@ def whole(flag: str, minimum: int, what: str, example: int) -> Callable[[str], i
 
 
 def writable_place(flag: str, given: str | Path, kind: str, inside: str | None = None) -> Path:
-    """``given`` (or ``given/inside``), refused when something in the way is of the other ``kind``.
+    """``given`` (or ``given/inside``), refused in one line unless it can be written as a ``kind``.
 
-    ``kind`` is "folder" or "file". Nothing is created: the first part of the path that exists must
-    be a folder, and a file's path must not be a folder.
+    ``kind`` is "folder" or "file". Nothing is created: see ``errors.check_writable``.
     """
-    path = Path(given) / inside if inside else Path(given)
-    if kind == "file" and path.is_dir():
-        raise UserError(f"{flag} {given}: that is a folder; give the path of a file, e.g. {flag} {path / 'out.json'}")
-    for part in [path, *path.parents] if kind == "folder" else path.parents:
-        if part.exists():
-            if not part.is_dir():
-                raise UserError(f"{flag} {given}: {part} is a file, not a folder; give a path under a folder")
-            break
-    return path
+    check_writable(Path(given), flag, folder=kind == "folder")
+    return Path(given) / inside if inside else Path(given)
 
 
 def cli_refusal(args: list[str]) -> str | None:
     """Why the project's CLI refuses ``args`` on one line, or None when it takes them.
 
-    The arguments are parsed only (``--print_config``, its output dropped): nothing is built or written.
+    The arguments go through the CLI's own checks and its model, data and trainer are built,
+    exactly as a run would build them, but nothing is run and nothing is written.
     """
     from ..cli import build  # the core's entry point; imported here, where it is needed
 
     out, err = io.StringIO(), io.StringIO()
     try:
         with redirect_stdout(out), redirect_stderr(err):
-            build([*args, "--print_config"], save_config=False)
+            build(args, save_config=False)
     except SystemExit as e:
         if e.code in (0, None):
             return None
-        text = err.getvalue()  # jsonargparse's usage, then "error: <why>"
+        text = err.getvalue()
         return " ".join(text.rsplit("error: ", 1)[-1].split()) or f"it exits with status {e.code}"
     except UserError as e:
         return " ".join(str(e).split())
