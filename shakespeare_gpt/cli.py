@@ -45,7 +45,7 @@ from .sampling import Sampling
 RUNTIME_SETTINGS = ("compile", "sample_tokens")
 CHECKPOINT_HINT = (
     "give a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt, "
-    "or a run folder, e.g. lightning_logs/cpu, for its newest run's best checkpoint"
+    "or a folder of runs, e.g. lightning_logs/cpu, for the checkpoint with the lowest val loss among them"
 )
 PROG = "shakespeare-gpt"
 DESCRIPTION = (
@@ -87,7 +87,7 @@ class Trainer(L.Trainer):
         """Report a checkpoint's loss and bits per character on the val split.
 
         Args:
-            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
             weights_only: how ``torch.load`` reads the checkpoint; leave it null.
         """,
     )
@@ -96,7 +96,7 @@ class Trainer(L.Trainer):
         """The same as validate, logged as test/loss: tiny Shakespeare has no separate test split.
 
         Args:
-            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
             weights_only: how ``torch.load`` reads the checkpoint; leave it null.
         """,
     )
@@ -105,7 +105,7 @@ class Trainer(L.Trainer):
         """Sample text from a checkpoint: printed, and written to --writer.path.
 
         Args:
-            ckpt_path: a .ckpt file, or a run folder (e.g. lightning_logs/cpu) for its newest run's best one.
+            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
             weights_only: how ``torch.load`` reads the checkpoint; leave it null.
         """,
     )

@@ -233,6 +233,11 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
     [
         (["--writer.path=a_file/samples.txt"], r"--writer.path a_file/samples.txt: a_file is a file, not a folder"),
         (["--writer.path=."], r"--writer.path \. is a folder: give the path of a file to write"),
+        pytest.param(
+            ["--writer.path=/proc/samples.txt"],
+            r"--writer.path /proc/samples.txt: cannot write in /proc",
+            marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc"),
+        ),
         (["--sample.temperature=0"], r"--sample.temperature 0.0: give a finite number > 0"),
         (["--sample.top_k=0"], r"--sample.top_k 0: give a number >= 1 \(1 is greedy\), or null for all"),
         (["--sample.num_samples=0"], r"--sample.num_samples 0: give a number >= 1"),
@@ -243,6 +248,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
     ids=[
         "writer under a file",
         "writer is a folder",
+        "writer in /proc",
         "temperature",
         "top_k",
         "num_samples",
