@@ -55,14 +55,23 @@ DESCRIPTION = (
 )
 
 
-def described(method, doc: str):
-    """``method`` with another docstring: the one-sentence description ``--help`` shows for a subcommand."""
+def described(
+    method,
+    sentence: str,
+    ckpt_path: str = "a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.",
+):
+    """``method`` with another docstring: the sentence ``--help`` shows for a subcommand, and its two flags."""
 
     @functools.wraps(method)
     def wrapper(self, *args, **kwargs):
         return method(self, *args, **kwargs)
 
-    wrapper.__doc__ = doc
+    wrapper.__doc__ = f"""{sentence}
+
+    Args:
+        ckpt_path: {ckpt_path}
+        weights_only: how ``torch.load`` reads the checkpoint; leave it null.
+    """
     return wrapper
 
 
@@ -75,40 +84,14 @@ class Trainer(L.Trainer):
 
     fit = described(
         L.Trainer.fit,
-        """Train a model, from scratch or resumed; logs and checkpoints go under lightning_logs/.
-
-        Args:
-            ckpt_path: ``last`` resumes the newest run of this config where it stopped; or a .ckpt file.
-            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
-        """,
+        "Train a model, from scratch or resumed; logs and checkpoints go under lightning_logs/.",
+        "``last`` resumes the newest run of this config where it stopped; or a .ckpt file.",
     )
-    validate = described(
-        L.Trainer.validate,
-        """Report a checkpoint's loss and bits per character on the val split.
-
-        Args:
-            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
-            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
-        """,
-    )
+    validate = described(L.Trainer.validate, "Report a checkpoint's loss and bits per character on the val split.")
     test = described(
-        L.Trainer.test,
-        """The same as validate, logged as test/loss: tiny Shakespeare has no separate test split.
-
-        Args:
-            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
-            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
-        """,
+        L.Trainer.test, "The same as validate, logged as test/loss: tiny Shakespeare has no separate test split."
     )
-    predict = described(
-        L.Trainer.predict,
-        """Sample text from a checkpoint: printed, and written to --writer.path.
-
-        Args:
-            ckpt_path: a .ckpt file, or a folder of runs (e.g. lightning_logs/cpu) for their best one.
-            weights_only: how ``torch.load`` reads the checkpoint; leave it null.
-        """,
-    )
+    predict = described(L.Trainer.predict, "Sample text from a checkpoint: printed, and written to --writer.path.")
 
 
 class FitConfigSaver(SaveConfigCallback):
