@@ -138,9 +138,6 @@ class ShakespeareCLI(LightningCLI):
                 }
             )
             parser.add_lightning_class_args(Throughput, "throughput")
-        if subcommand in ("validate", "test", "predict"):
-            # One number, or samples: nothing to chart, and no new run folder among the runs.
-            parser.set_defaults({"trainer.logger": False})
         if subcommand == "predict":
             parser.add_class_arguments(Sampling, "sample")
             parser.add_lightning_class_args(SampleWriter, "writer")
@@ -246,6 +243,10 @@ class ShakespeareCLI(LightningCLI):
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         # The callbacks every run gets; the learning-rate curve only where there is a logger to draw it.
         check_memory(config, self.subcommand)
+        if self.subcommand in ("validate", "test", "predict"):
+            # One number, or samples: printed; nothing to chart, and no new run folder among the runs
+            # (a config shared with fit may still name its logger).
+            config.trainer.logger = False
         run_lock = RunLock(self.run_lock)
         self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):

@@ -106,6 +106,17 @@ def test_validate_and_predict_take_a_run_folder_for_its_best_checkpoint(trained,
     assert "----- sample 1 -----\nAll" in capsys.readouterr().out
 
 
+def test_validate_takes_a_fit_config_and_writes_no_run_folder(trained, corpus_dir, tmp_path):
+    config = tmp_path / "fit.yaml"  # like configs/cpu.yaml: it names its logger
+    config.write_text("trainer:\n  logger:\n    init_args:\n      name: ''\n")
+    before = sorted(p for p in (tmp_path / "lightning_logs").rglob("*"))
+    cli = cli_main(
+        ["validate", f"--config={config}", "--ckpt_path=lightning_logs", f"--data.corpus={corpus_dir / 'input.txt'}"]
+    )
+    assert cli.trainer.logger is None
+    assert sorted(p for p in (tmp_path / "lightning_logs").rglob("*")) == before
+
+
 def test_default_corpus_is_bundled_and_needs_no_network(tmp_path, monkeypatch):
     """``fit`` with no data option trains on the packaged tiny Shakespeare with every socket refused."""
 
