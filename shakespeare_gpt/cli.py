@@ -137,6 +137,8 @@ class ShakespeareCLI(LightningCLI):
                     "checkpoint.enable_version_counter": False,
                 }
             )
+            # Lightning's own docstring stops mid-sentence as a heading.
+            parser.groups["checkpoint"].title = "Lightning's ModelCheckpoint: which checkpoints a run keeps, and where"
             parser.add_lightning_class_args(Throughput, "throughput")
         if subcommand == "predict":
             parser.add_class_arguments(Sampling, "sample")
