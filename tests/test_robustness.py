@@ -69,3 +69,19 @@ def test_ranks_draw_different_windows_and_resume_where_they_stopped():
     assert not any(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     step[0] = 40  # a run resumed at step 40 continues with the 41st batch
     assert torch.equal(next(iter(rank0)), a[40])
+
+
+def test_a_finished_run_continued_with_more_steps_equals_one_longer_run(corpus_dir, tmp_path, monkeypatch):
+    """Train 5 steps (ending between validations), then --ckpt_path last to 9: the same weights as 9 at once."""
+    for folder, runs in {"extended": [(5, []), (9, ["--ckpt_path=last"])], "straight": [(9, [])]}.items():
+        (tmp_path / folder).mkdir()
+        monkeypatch.chdir(tmp_path / folder)
+        for steps, extra in runs:
+            cli_main(tiny_fit_args(corpus_dir, steps, *extra))
+    extended, straight = (
+        torch.load(tmp_path / f / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt", weights_only=True)
+        for f in ("extended", "straight")
+    )
+    assert extended["global_step"] == straight["global_step"] == 9
+    for key, value in straight["state_dict"].items():
+        assert torch.equal(extended["state_dict"][key], value), key
