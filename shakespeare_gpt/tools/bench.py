@@ -203,33 +203,15 @@ def parser() -> ToolParser:
     parser.add_argument(
         "--sections", default=",".join(SECTIONS), type=_sections, help=f"comma-separated: {', '.join(SECTIONS)}"
     )
-    parser.add_argument(
-        "--steps", type=whole("--steps", 1, "the timed steps", 100), default=100, help="timed training steps per repeat"
-    )
-    parser.add_argument(
-        "--warmup",
-        type=whole("--warmup", 0, "the untimed steps", 20),
-        default=20,
-        help="untimed steps first (compilation, caches)",
-    )
-    parser.add_argument(
-        "--repeats",
-        type=whole("--repeats", 1, "the number of repeats", 3),
-        default=3,
-        help="repeats of the train and generate timings (their medians are reported)",
-    )
-    parser.add_argument(
-        "--fit-repeats",
-        type=whole("--fit-repeats", 1, "the number of whole fits", 1),
-        default=1,
-        help="whole fit runs, one after another",
-    )
-    parser.add_argument(
-        "--gen-tokens",
-        type=whole("--gen-tokens", 1, "the number of tokens", 1000),
-        default=1000,
-        help="tokens sampled per generate timing",
-    )
+    counts = [  # flag, smallest value, what it counts (for the error), default, help
+        ("--steps", 1, "the timed steps", 100, "timed training steps per repeat"),
+        ("--warmup", 0, "the untimed steps", 20, "untimed steps first (compilation, caches)"),
+        ("--repeats", 1, "the number of repeats", 3, "repeats of the train and generate timings (medians reported)"),
+        ("--fit-repeats", 1, "the number of whole fits", 1, "whole fit runs, one after another"),
+        ("--gen-tokens", 1, "the number of tokens", 1000, "tokens sampled per generate timing"),
+    ]
+    for flag, least, what, default, text in counts:
+        parser.add_argument(flag, type=whole(flag, least, what, default), default=default, help=text)
     parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
     return parser
 
