@@ -243,12 +243,12 @@ class ShakespeareCLI(LightningCLI):
             callbacks = config.trainer.callbacks
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
-        # The callbacks every run gets; the learning-rate curve only where there is a logger to draw it.
         check_memory(config, self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):
             # One number, or samples: printed; nothing to chart, and no new run folder among the runs
             # (a config shared with fit may still name its logger).
             config.trainer.logger = False
+        # The callbacks every run gets; the learning-rate curve only where there is a logger to draw it.
         run_lock = RunLock(self.run_lock)
         self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):
@@ -261,8 +261,8 @@ class ShakespeareCLI(LightningCLI):
             raise UserError(f"--trainer settings refused by Lightning: {e}") from None
 
     def after_instantiate_classes(self) -> None:
-        if self.subcommand in ("validate", "test"):  # the corpus against the checkpoint, before any work
-            self.datamodule.setup(self.subcommand)
+        if self.subcommand != "predict":  # the corpus against the vocabulary, before anything is written
+            self.datamodule.encoded  # noqa: B018 (read, checked and kept for setup)
 
     def before_predict(self) -> None:
         self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings

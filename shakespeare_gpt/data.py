@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import gzip
 import hashlib
 import os
@@ -396,13 +397,18 @@ class ShakespeareDataModule(L.LightningDataModule):
         if self.corpus.startswith(("http://", "https://")):
             ensure_download(self.corpus, self.cache_dir, self.sha256)  # once per machine, before setup
 
-    def setup(self, stage: str) -> None:
-        if stage == "predict" or self.train_data is not None:
-            return
+    @functools.cached_property
+    def encoded(self) -> torch.Tensor:
+        """The whole corpus as character indices, on the host; read, checked and encoded once."""
         try:
-            data = torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
+            return torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
         except UserError as e:
             raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
+
+    def setup(self, stage: str) -> None:
+        if stage == "predict":
+            return
+        data = self.encoded
         if self.on_device and self.trainer is not None:
             data = data.to(self.trainer.strategy.root_device)
         n = int(TRAIN_FRACTION * len(data))

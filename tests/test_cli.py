@@ -206,19 +206,25 @@ def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch
     assert "Traceback" not in err[0]
 
 
-def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(trained, tmp_path, monkeypatch, capsys):
+@pytest.mark.parametrize("subcommand", ["validate", "fit"])
+def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(
+    subcommand, trained, corpus_dir, tmp_path, monkeypatch, capsys
+):
     other = tmp_path / "other"
     other.mkdir()
     (other / "input.txt").write_text("Zounds! 42 quoth he.\n" * 300)
     monkeypatch.chdir(tmp_path)
-    ckpt = trained / "checkpoints" / "last.ckpt"
-    args = ["validate", f"--ckpt_path={ckpt}", f"--data.corpus={other / 'input.txt'}"]
+    ckpt = "last" if subcommand == "fit" else trained / "checkpoints" / "last.ckpt"
+    args = tiny_fit_args(corpus_dir, 6)[1:] if subcommand == "fit" else []
+    before = {p: p.read_bytes() for p in sorted(trained.rglob("*")) if p.is_file()}
     with pytest.raises(SystemExit) as exc:
-        cli_main([*args, "--trainer.logger=false"])
+        cli_main([subcommand, *args, f"--ckpt_path={ckpt}", f"--data.corpus={other / 'input.txt'}"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith(f"error: the corpus {other}/input.txt does not fit the checkpoint: characters not in")
     assert "'!24Z" in err  # the offending characters, by name
+    # Refused before anything is written: a resumed run's logs and checkpoints are as they were.
+    assert {p: p.read_bytes() for p in sorted(trained.rglob("*")) if p.is_file()} == before
 
 
 def test_help_lists_every_architecture_field_with_its_description(capsys):
