@@ -19,7 +19,7 @@ import lightning as L
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import UserError, check_writable
+from .errors import UserError, check_whole, check_writable
 from .sampling import Sampling
 
 BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
@@ -346,8 +346,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             ("val_batch_size", val_batch_size, 1),
             ("num_workers", num_workers, 0),
         ]:
-            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < least):
-                raise UserError(f"--data.{flag} {value!r}: give a whole number >= {least}")
+            if value is not None:
+                check_whole(f"--data.{flag}", value, least)
         if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise UserError(f"--data.sha256 {sha256!r}: give 64 lowercase hex digits, as sha256sum prints them")
         self.save_hyperparameters(ignore=["vocab"])
@@ -390,12 +390,6 @@ class ShakespeareDataModule(L.LightningDataModule):
                 )
             self._text = text
         return self._text
-
-    def prepare_data(self) -> None:
-        if self.trainer is not None and self.trainer.predicting:
-            return  # sampling needs a vocabulary, not the corpus
-        if self.corpus.startswith(("http://", "https://")):
-            ensure_download(self.corpus, self.cache_dir, self.sha256)  # once per machine, before setup
 
     @functools.cached_property
     def encoded(self) -> torch.Tensor:

@@ -14,6 +14,12 @@ class NonFiniteLossError(UserError):
     """The training loss became NaN or infinite; raised before another checkpoint is written."""
 
 
+def check_whole(flag: str, value, least: int) -> None:
+    """Refuse, in one line, a ``value`` for ``flag`` that is not a whole number >= ``least`` (bools are not numbers)."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < least:
+        raise UserError(f"{flag} {value!r}: give a whole number >= {least}")
+
+
 def check_writable(path: Path, flag: str, folder: bool = True) -> None:
     """Refuse, in one line, a folder (or file) that cannot be created or written; creates nothing.
 

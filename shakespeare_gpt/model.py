@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
-from .errors import UserError
+from .errors import UserError, check_whole
 
 Norm = Literal["pre", "post", "none"]
 Activation = Literal["relu", "gelu"]
@@ -65,9 +65,7 @@ class GPTConfig:
     def __post_init__(self) -> None:
         minimum = {"vocab_size": 1, "block_size": 1, "n_layer": 0, "n_head": 1, "n_embd": 1}
         for name, least in minimum.items():
-            value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value < least:
-                raise UserError(f"--model.{name} {value!r}: give a whole number >= {least}")
+            check_whole(f"--model.{name}", getattr(self, name), least)
         if self.n_embd % self.n_head != 0:
             raise UserError(
                 f"--model.n_head {self.n_head} does not divide --model.n_embd {self.n_embd}: "

@@ -150,7 +150,6 @@ def test_tokenizer_round_trip_and_vocabulary():
 
 def make_datamodule(corpus_dir: Path, **kwargs) -> ShakespeareDataModule:
     dm = ShakespeareDataModule(corpus=str(corpus_dir / "input.txt"), **kwargs)
-    dm.prepare_data()
     dm.setup("fit")
     return dm
 
