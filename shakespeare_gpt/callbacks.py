@@ -72,7 +72,7 @@ class SampleWriter(Callback):
 class TextSample(Callback):
     """After each validation of ``fit``, logs a sample to TensorBoard's Text tab.
 
-    ``pl_module.hparams.sample_tokens`` characters from a newline, with the same seed each time,
+    ``pl_module.hparams.sample_tokens`` tokens from a newline, with the same seed each time,
     so the samples can be compared across steps.
     """
 
@@ -86,9 +86,11 @@ class TextSample(Callback):
         ):
             return
         g = torch.Generator(device=pl_module.device).manual_seed(0)
-        vocab = pl_module.tokenizer.vocab
-        first = "\n" if "\n" in vocab else vocab[0]  # a line start, where the corpus has lines
-        start = torch.tensor([pl_module.tokenizer.encode(first)], device=pl_module.device)
+        try:
+            first = pl_module.tokenizer.encode("\n")[-1:]  # a line start, where the corpus has lines
+        except UserError:  # a vocabulary without one
+            first = []
+        start = torch.tensor([first or [0]], device=pl_module.device)
         text = pl_module.tokenizer.decode(pl_module.generate(start, tokens, generator=g)[0].tolist())
         # Four leading spaces make TensorBoard's markdown keep the line breaks.
         logger.experiment.add_text("sample", "\n".join("    " + line for line in text.split("\n")), trainer.global_step)

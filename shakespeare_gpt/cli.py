@@ -37,12 +37,22 @@ from .callbacks import (
 )
 from .data import CharTokenizer, ShakespeareDataModule
 from .errors import UserError, check_writable
-from .lightning_module import ShakespeareGPT
+from .lightning_module import LanguageModel, ShakespeareGPT
 from .model import GPTConfig
+from .pretrained import PretrainedLM
 from .sampling import Sampling
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
-RUNTIME_SETTINGS = ("compile", "sample_tokens")
+RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code")
+CHAR_MODEL = f"{ShakespeareGPT.__module__}.{ShakespeareGPT.__name__}"  # --model's class unless a config says
+PRETRAINED_MODEL = f"{PretrainedLM.__module__}.{PretrainedLM.__name__}"
+
+
+def is_char_model(class_path: str) -> bool:
+    """Whether ``class_path`` names ``ShakespeareGPT``, in any of the forms jsonargparse writes it."""
+    return str(class_path).rpartition(".")[2] == ShakespeareGPT.__name__
+
+
 CHECKPOINT_HINT = (
     "give a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt, "
     "or a folder of runs, e.g. lightning_logs/cpu, for the checkpoint with the lowest val loss among them"
@@ -50,8 +60,9 @@ CHECKPOINT_HINT = (
 PROG = "shakespeare-gpt"
 DESCRIPTION = (
     "shakespeare-gpt: train a character-level GPT written from scratch (on tiny Shakespeare, bundled, or any "
-    "text), follow it in TensorBoard, and sample from its checkpoints. Quick start: "
-    "shakespeare-gpt fit --config configs/cpu.yaml"
+    "text), follow it in TensorBoard, and sample from its checkpoints; or fine-tune, score and sample a Hugging Face "
+    "model the same way. Quick start: shakespeare-gpt fit --config configs/cpu.yaml. The model's settings: "
+    "shakespeare-gpt fit --model.help ShakespeareGPT (the character model, the default) or --model.help PretrainedLM"
 )
 
 
@@ -109,7 +120,14 @@ class ShakespeareCLI(LightningCLI):
 
     def add_core_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # The project's settings first in --help, Lightning's Trainer (some 50 flags) after them.
-        parser.add_lightning_class_args(ShakespeareGPT, "model")
+        # --model is the character model unless a config (or --model) names another LanguageModel.
+        parser.add_lightning_class_args(LanguageModel, "model", subclass_mode=True)
+        parser.set_defaults({"model": {"class_path": CHAR_MODEL}})
+        parser.groups["model"].title = (
+            "The model: ShakespeareGPT, the character model (the default), or PretrainedLM, a Hugging Face causal LM "
+            "(a config's model.class_path chooses); --model.help ShakespeareGPT or --model.help PretrainedLM lists "
+            "its settings, each given as --model.<setting>"
+        )
         parser.add_lightning_class_args(ShakespeareDataModule, "data")
         parser.add_lightning_class_args(self.trainer_class, "trainer")
         parser.set_defaults({f"trainer.{k}": v for k, v in self.trainer_defaults.items() if k != "callbacks"})
@@ -120,9 +138,10 @@ class ShakespeareCLI(LightningCLI):
         subcommand = parser.prog.split()[-1] if parser.prog.split()[-1] in self.subcommands() else "fit"
         self.parsers[subcommand] = parser
         # One source of truth for the context length: the model's.
-        parser.link_arguments("model.block_size", "data.block_size")
-        # The data decides the vocabulary; the model stores it, so a checkpoint can decode alone.
-        parser.link_arguments("data.vocab", "model.vocab", apply_on="instantiate")
+        parser.link_arguments("model.init_args.block_size", "data.block_size")
+        # The data decides a character model's vocabulary; the model stores it, so a checkpoint can
+        # decode alone. (A pretrained model brings its own tokenizer: see before_instantiate_classes.)
+        parser.link_arguments("data.vocab", "model.init_args.vocab", apply_on="instantiate")
         if subcommand == "fit":
             # Best (lowest val loss) and last checkpoints of every run, under its log folder. Without
             # the version counter, a resumed run overwrites last.ckpt instead of writing last-v1.ckpt.
@@ -151,7 +170,7 @@ class ShakespeareCLI(LightningCLI):
             raise UserError(self.explain(e, args)) from None
         subcommand = self.config.get("subcommand")
         config = self.config[subcommand] if subcommand else self.config
-        self.runtime_settings = {k: config.model.get(k) for k in RUNTIME_SETTINGS}
+        self.runtime_settings = {k: config.model.init_args.get(k) for k in RUNTIME_SETTINGS}
         self.run_lock = None
         check_device(config.trainer)
         check_precision(config.trainer)
@@ -159,7 +178,7 @@ class ShakespeareCLI(LightningCLI):
             check_fit(config)
         if subcommand == "predict":
             check_writable(Path(config.writer.path), "--writer.path", folder=False)
-            if not config.get("ckpt_path"):
+            if not config.get("ckpt_path") and is_char_model(config.model.class_path):
                 raise UserError(f"predict samples from a trained model: add --ckpt_path ({CHECKPOINT_HINT})")
         ckpt_path = subcommand and config.get("ckpt_path")
         if ckpt_path in ("last", "best") and subcommand != "fit":
@@ -179,19 +198,32 @@ class ShakespeareCLI(LightningCLI):
                 print(f"checkpoint: {config.ckpt_path}", file=sys.stderr)
             ckpt = read_checkpoint(config.ckpt_path)
         check_matches(config.model, ckpt, config.ckpt_path)
-        if subcommand == "predict":  # the prompt against the checkpoint's vocabulary, before any work
+        if subcommand == "predict" and "vocab" in ckpt["hyper_parameters"]:  # the prompt, before any work
             Sampling(**config.sample.as_dict()).request(CharTokenizer(ckpt["hyper_parameters"]["vocab"]))
         if run is not None and rank_zero_only.rank == 0:  # the other processes of a run are started by this one
             self.run_lock = lock_run(run)
 
     def explain(self, error: ArgumentError, args) -> str:
         """jsonargparse's error in one line, with the closest known option where one is close."""
-        message = " ".join(str(error).split())
+        message = " ".join(str(error).split()).replace("model.init_args.", "model.")
         argv = [str(a) for a in args] if isinstance(args, list) else sys.argv[1:]
         subcommand = next((a for a in argv if a in self.parsers), None)
         if len(self.parsers) == 1:  # no subcommands
             subcommand = next(iter(self.parsers))
         help_hint = f"see {PROG} {subcommand or ''} --help".replace("  ", " ")
+        unknown = []
+        # --model is a choice of classes: jsonargparse wraps what the chosen class said about a
+        # value in "does not validate against any of the Union subtypes"; unwrap it.
+        if m := re.match(
+            r"Parser key \"model\": .*?Problem with given class_path '[^']*': (.*) - Expected a <class 'NoneType'>",
+            message,
+        ):
+            inner = m.group(1)
+            if m2 := re.match(r"Option '(\w+)' is not accepted", inner):
+                unknown = [f"model.{m2.group(1)}"]
+                message = f"--model.{m2.group(1)} is not a setting of {self.model_name(argv)}"
+            else:
+                message = re.sub(r'^Parser key "(\w+)"', r'Parser key "model.\1"', inner)
         if m := re.match(r'Parser key "([\w.]+)": (.*)', message):
             key, why = m.groups()
             value = m2.group(1) if (m2 := re.search(r"Got value: (.*?)(?: Errors:|$)", why)) else None
@@ -211,12 +243,14 @@ class ShakespeareCLI(LightningCLI):
             close := difflib.get_close_matches(m.group(1), self.parsers, n=1)
         ):
             return f"{message}; did you mean {close[0]}?"
-        unknown = re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
+        unknown += re.findall(r"--([\w.]+)", message.partition("unrecognized arguments:")[2])
         unknown += re.findall(r"Subcommand '\w+' does not accept options? '([\w.]+)'", message)
         unknown += [f"{g}.{k}" for g, k in re.findall(r"Group '([\w.]+)' does not accept options? '([\w.]+)'", message)]
         if subcommand is None or not unknown:
             return message
-        known = list(self.parsers[subcommand].get_defaults().keys())
+        known = [k for k in list(self.parsers[subcommand].get_defaults().keys()) if not k.startswith("model.")]
+        pretrained = self.model_name(argv) == "PretrainedLM"
+        known += [f"model.{k}" for k in model_defaults(PRETRAINED_MODEL if pretrained else CHAR_MODEL)]
         hints = []
         for key in unknown:
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
@@ -230,13 +264,32 @@ class ShakespeareCLI(LightningCLI):
                 hints.append(f"sampling settings are --sample.{key.rpartition('.')[2]}, given to predict")
         return f"{message}; {' '.join(hints) or help_hint}"
 
+    def model_name(self, argv: list[str]) -> str:
+        """The model class the arguments choose, for messages: the character model unless they say."""
+        text = " ".join(argv)
+        if "PretrainedLM" in text:
+            return "PretrainedLM"
+        for path in re.findall(r"(?:--config[= ])(\S+)", text):
+            if Path(path).is_file() and "PretrainedLM" in Path(path).read_text(errors="replace"):
+                return "PretrainedLM"
+        return "ShakespeareGPT (the character model)"
+
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
         # Lightning has filled the model's arguments from --ckpt_path; how to run stays the user's.
+        model = config.model.init_args
         for key, value in self.runtime_settings.items():
-            config.model[key] = value
-        if config.model.get("vocab") is not None and config.data.vocab is None:
-            config.data.vocab = config.model.vocab  # the checkpoint's vocabulary: no corpus needed
+            if key in model and value is not None:
+                model[key] = value
+        if model.get("vocab") is not None and config.data.vocab is None:
+            config.data.vocab = model.vocab  # the checkpoint's vocabulary: no corpus needed
+        if model.get("pretrained"):  # a pretrained model reads the text through its own tokenizer
+            if config.data.get("tokenizer") not in (None, model.pretrained):
+                raise UserError(
+                    f"--data.tokenizer {config.data.tokenizer} is not the tokenizer of --model.pretrained "
+                    f"{model.pretrained}: leave --data.tokenizer out, the model's own is used"
+                )
+            config.data.tokenizer = model.pretrained
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # --trainer.enable_progress_bar false wins over a config's bar settings (Lightning
             # would refuse the combination).
@@ -253,6 +306,17 @@ class ShakespeareCLI(LightningCLI):
         self.trainer_defaults["callbacks"] = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), run_lock]
         if config.trainer.get("logger") not in (False, None):
             self.trainer_defaults["callbacks"] += [LearningRateMonitor(logging_interval="step"), TextSample()]
+
+    def instantiate_classes(self) -> None:
+        try:
+            super().instantiate_classes()
+        except (TypeError, ValueError) as e:
+            # jsonargparse reports a model class that refused its arguments as "does not validate
+            # against any of the Union subtypes"; the refusal itself is the one line to show.
+            cause = e
+            while cause is not None and not isinstance(cause, UserError):
+                cause = cause.__cause__ or cause.__context__
+            raise cause or e from None
 
     def instantiate_trainer(self, **kwargs):
         try:
@@ -297,7 +361,8 @@ def check_fit(config: Namespace) -> None:
     max_steps, interval = trainer.get("max_steps"), trainer.get("val_check_interval")
     if not isinstance(max_steps, int) or max_steps == 0 or max_steps < -1:
         raise UserError(f"--trainer.max_steps {max_steps!r}: give a number of training steps >= 1")
-    if max_steps == -1 and config.model.get("lr_schedule") == "cosine" and config.model.get("decay_steps") is None:
+    model = config.model.init_args
+    if max_steps == -1 and model.get("lr_schedule") == "cosine" and model.get("decay_steps") is None:
         raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
     if interval is not None and (isinstance(interval, bool) or not isinstance(interval, int) or interval < 1):
         # Training is counted in steps, not epochs (check_val_every_n_epoch is None): a fraction has no meaning.
@@ -318,7 +383,10 @@ def check_fit(config: Namespace) -> None:
 
 def check_memory(config: Namespace, subcommand: str | None) -> None:
     """Refuse, before anything is allocated, a model and batch that cannot fit in this machine's memory."""
-    model = {k: config.model[k] for k in (f.name for f in dataclasses.fields(GPTConfig)) if k in config.model}
+    if not is_char_model(config.model.class_path):  # the estimate knows this project's GPT only
+        return
+    args = config.model.init_args
+    model = {k: args[k] for k in (f.name for f in dataclasses.fields(GPTConfig)) if k in args}
     arch = GPTConfig(**model)  # vocab_size stays at its default (65): a stand-in that changes little
     training = subcommand in ("fit", None)
     batch, flag = config.data.batch_size, "--data.batch_size"
@@ -425,18 +493,22 @@ def read_checkpoint(path: str) -> dict:
             f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated or corrupt; "
             f"{CHECKPOINT_HINT} (another checkpoint of that run, or start a new run without --ckpt_path)"
         ) from None
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt or "vocab" not in ckpt.get("hyper_parameters", {}):
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or not ("vocab" in hparams or "pretrained" in hparams):
         raise UserError(
-            f"{path} is not a shakespeare-gpt checkpoint (no weights or vocabulary in it); {CHECKPOINT_HINT}"
+            f"{path} is not a shakespeare-gpt checkpoint (no weights, vocabulary or model name in it); "
+            f"{CHECKPOINT_HINT}"
         )
     return ckpt
 
 
-def model_defaults() -> dict:
-    """Every model setting the command line takes, with its default."""
-    params = inspect.signature(ShakespeareGPT.__init__).parameters.values()
+def model_defaults(class_path: str = CHAR_MODEL) -> dict:
+    """Every setting the command line takes for the model class ``class_path``, with its default."""
+    model_class = ShakespeareGPT if is_char_model(class_path) else PretrainedLM
+    params = inspect.signature(model_class.__init__).parameters.values()
     defaults = {p.name: p.default for p in params if p.default is not inspect.Parameter.empty}
-    defaults.update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
+    if model_class is ShakespeareGPT:
+        defaults.update({f.name: f.default for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"})
     return defaults
 
 
@@ -446,8 +518,18 @@ def check_matches(model: Namespace, ckpt: dict, path: str) -> None:
     Lightning rebuilds the model from the checkpoint's settings and would silently ignore these.
     A setting at its default was not given, so it is not a contradiction.
     """
-    defaults, saved = model_defaults(), ckpt["hyper_parameters"]
-    if unknown := sorted(set(saved) - set(defaults) - {"vocab", "_instantiator"}):
+    saved = ckpt["hyper_parameters"]
+    saved_class = saved.get("_class_path", CHAR_MODEL)
+    if is_char_model(model.class_path) and not is_char_model(saved_class):  # nothing was asked of this class
+        model.init_args = Namespace()
+    if not is_char_model(model.class_path) and model.class_path.rpartition(".")[2] != saved_class.rpartition(".")[2]:
+        raise UserError(
+            f"{path} holds a {saved_class.rpartition('.')[2]}, not the {model.class_path.rpartition('.')[2]} "
+            "this config asks for: a checkpoint decides its model; drop the config's model section"
+        )
+    model.class_path = saved_class  # the checkpoint's class, with its defaults, for what follows
+    model, defaults = model.init_args, model_defaults(saved_class)
+    if unknown := sorted(set(saved) - set(defaults) - {"vocab", "_instantiator", "_class_path"}):
         raise UserError(
             f"{path} was written by another version of shakespeare-gpt (settings {', '.join(unknown)} are unknown "
             "here): use the version that wrote it"
@@ -455,7 +537,7 @@ def check_matches(model: Namespace, ckpt: dict, path: str) -> None:
     clashes = [
         f"{key}={saved[key]!r} (asked: {model.get(key)!r})"
         for key in saved
-        if key in defaults and key not in RUNTIME_SETTINGS
+        if key in defaults and key in model and key not in RUNTIME_SETTINGS
         if model.get(key) != saved[key] and model.get(key) != defaults[key]
     ]
     if clashes:
@@ -480,8 +562,9 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
         for name in ShakespeareCLI.subcommands()
     }
     return ShakespeareCLI(
-        ShakespeareGPT,
+        LanguageModel,
         ShakespeareDataModule,
+        subclass_mode_model=True,
         trainer_class=Trainer,
         parser_kwargs={"prog": PROG, "description": DESCRIPTION, **strict, **subcommands},
         seed_everything_default=1337,

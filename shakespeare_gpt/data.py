@@ -193,6 +193,11 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
 
+    def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of ``text``, and how many characters each completes: one, for characters."""
+        ids = torch.tensor(self.encode(text), dtype=torch.long)
+        return ids, torch.ones_like(ids)
+
 
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The datasets below build whole batches themselves; nothing is left to collate."""
@@ -271,42 +276,55 @@ class StepKeyedLoader(DataLoader):
 
 
 class ValWindows(Dataset):
-    """Non-overlapping windows that predict every character of the split exactly once.
+    """Strided windows that score every token of a split exactly once, from at least half a window of context.
 
-    The last window is aligned to the end of the split; its targets that an earlier window
-    already covered are set to -1, which the loss ignores. The pass is deterministic, so the
-    same weights always give the same validation loss.
+    Windows of ``block_size`` targets start every ``block_size // 2`` tokens, the last one aligned
+    to the end of the split. The first window scores all its targets; each later window scores
+    only the targets no earlier window scored, the second half of it, so each of them is
+    predicted from at least ``block_size - block_size // 2`` tokens of context (the Hugging Face
+    perplexity guide's sliding window). Targets not scored are -1, which the loss ignores.
+    The split's first token is never a target: nothing precedes it.
+
+    Items are ``(x, y, chars)``: inputs, targets, and how many characters of text each target
+    token completes (0 where not scored), so that bits per character is the same quantity for
+    every tokenizer. The pass is deterministic: the same weights always give the same loss.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int) -> None:
+    def __init__(self, data: torch.Tensor, block_size: int, chars: torch.Tensor | None = None) -> None:
         T, n_targets = block_size, len(data) - 1
         if n_targets < T:
-            raise UserError(f"the val split has {len(data)} characters, fewer than block_size + 1 = {T + 1}")
-        starts = list(range(0, n_targets - T + 1, T))
-        covered = starts[-1] + T  # targets at positions 1..covered are predicted so far
-        tail = n_targets - T  # a window starting here ends exactly at the last character
-        if covered < n_targets:
-            starts.append(tail)
+            raise UserError(f"the val split has {len(data)} tokens, fewer than block_size + 1 = {T + 1}")
+        stride = max(1, T // 2)
+        starts = list(range(0, n_targets - T + 1, stride))
+        if starts[-1] + T < n_targets:
+            starts.append(n_targets - T)  # a window that ends exactly at the last token
         idx = torch.tensor(starts, device=data.device)[:, None] + torch.arange(T, device=data.device)
         self.x, self.y = data[idx], data[idx + 1].clone()
-        if covered < n_targets:
-            self.y[-1, : covered - tail] = -1
+        chars = torch.ones_like(data) if chars is None else chars.to(data.device)
+        self.chars = chars[idx + 1].clone()
+        covered = 0  # targets at positions 1..covered are scored by an earlier window
+        for row, start in enumerate(starts):
+            seen = max(0, min(T, covered - start))  # this window's targets an earlier one scored
+            self.y[row, :seen] = -1
+            self.chars[row, :seen] = 0
+            covered = start + T
 
     def __len__(self) -> int:
         return len(self.x)
 
-    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         i = torch.tensor(indices, device=self.x.device)
-        return self.x[i], self.y[i]
+        return self.x[i], self.y[i], self.chars[i]
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        return self.x[i], self.y[i], self.chars[i]
 
 
 class ShakespeareDataModule(L.LightningDataModule):
-    """A corpus as characters: random train windows, a full pass over the val split, prompts to predict.
+    """A corpus as tokens: random train windows, a full pass over the val split, prompts to predict.
 
-    The first 90% of the text trains, the last 10% validates, whatever the text.
+    The first 90% of the characters train, the last 10% validate, whatever the text and the
+    tokenizer: each split is encoded on its own, so every model sees the same two texts.
 
     Args:
         corpus: ``tinyshakespeare`` (bundled with the package: no network), the path of a UTF-8
@@ -324,6 +342,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
         vocab: fixed characters to encode with; by default the sorted characters of the corpus.
             Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
+        tokenizer: a Hugging Face tokenizer (name or folder) to encode with instead of characters;
+            the CLI sets it to a pretrained model's own (``--model.pretrained``).
     """
 
     def __init__(
@@ -338,6 +358,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         on_device: bool = False,
         eval_train: bool = False,
         vocab: str | None = None,
+        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         for flag, value, least in [
@@ -362,6 +383,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.eval_train = eval_train
         self.sampling = Sampling()  # what ``predict`` draws; the CLI sets it from ``--sample.*``
         self._vocab = vocab
+        self.tokenizer_name = tokenizer
         self._text: str | None = None
         self.train_data: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
@@ -373,9 +395,14 @@ class ShakespeareDataModule(L.LightningDataModule):
             self._vocab = CharTokenizer.from_text(self.text).vocab
         return self._vocab
 
-    @property
-    def tokenizer(self) -> CharTokenizer:
-        return CharTokenizer(self.vocab)
+    @functools.cached_property
+    def tokenizer(self):
+        """Characters of ``vocab``, or the Hugging Face tokenizer named by ``tokenizer``."""
+        if self.tokenizer_name is None:
+            return CharTokenizer(self.vocab)
+        from .pretrained import HFTokenizer  # only with the ``pretrained`` extra
+
+        return HFTokenizer(self.tokenizer_name)
 
     @property
     def text(self) -> str:
@@ -392,21 +419,29 @@ class ShakespeareDataModule(L.LightningDataModule):
         return self._text
 
     @functools.cached_property
-    def encoded(self) -> torch.Tensor:
-        """The whole corpus as character indices, on the host; read, checked and encoded once."""
-        try:
-            return torch.tensor(self.tokenizer.encode(self.text), dtype=torch.long)
-        except UserError as e:
-            raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
+    def encoded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+        """Each split as token ids and the characters each token completes, on the host; encoded once."""
+        n = int(TRAIN_FRACTION * len(self.text))
+        splits = {}
+        for name, text in (("train", self.text[:n]), ("val", self.text[n:])):
+            try:
+                splits[name] = ids, _ = self.tokenizer.encode_with_chars(text)
+            except UserError as e:
+                raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
+            if len(ids) < self.block_size + 1:
+                raise UserError(
+                    f"the corpus {self.corpus}'s {name} split is {len(ids)} tokens: too short for one window of "
+                    f"block_size + 1 = {self.block_size + 1}; give a longer text, or a smaller --model.block_size"
+                )
+        return splits
 
     def setup(self, stage: str) -> None:
         if stage == "predict":
             return
-        data = self.encoded
-        if self.on_device and self.trainer is not None:
-            data = data.to(self.trainer.strategy.root_device)
-        n = int(TRAIN_FRACTION * len(data))
-        self.train_data, self.val_data = data[:n], data[n:]
+        device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
+        (self.train_data, self.train_chars), (self.val_data, self.val_chars) = (
+            tuple(t.to(device) for t in self.encoded[name]) for name in ("train", "val")
+        )
 
     def train_dataloader(self) -> DataLoader:
         windows = TrainWindows(self.train_data, self.block_size)
@@ -428,18 +463,22 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         if not self.eval_train:
-            return self._eval_loader(self.val_data)
+            return self._eval_loader(self.val_data, self.val_chars)
         # The same full pass over a stretch of train text as long as the val split: with dropout
         # off, its loss minus the val loss is the generalisation gap.
-        return [self._eval_loader(self.val_data), self._eval_loader(self.train_data[: len(self.val_data)])]
+        n = len(self.val_data)
+        return [
+            self._eval_loader(self.val_data, self.val_chars),
+            self._eval_loader(self.train_data[:n], self.train_chars[:n]),
+        ]
 
     def test_dataloader(self) -> DataLoader:
         # Tiny Shakespeare has no separate test split; "test" reports on the val split.
-        return self._eval_loader(self.val_data)
+        return self._eval_loader(self.val_data, self.val_chars)
 
-    def _eval_loader(self, data: torch.Tensor) -> DataLoader:
+    def _eval_loader(self, data: torch.Tensor, chars: torch.Tensor) -> DataLoader:
         return DataLoader(
-            ValWindows(data, self.block_size),
+            ValWindows(data, self.block_size, chars),
             batch_size=self.val_batch_size,
             shuffle=False,
             collate_fn=_batch_as_is,

@@ -130,6 +130,18 @@ def split_matrix_products(model: nn.Module) -> Iterator[None]:
             del layer.forward  # back to the class's forward
 
 
+def sample_next(
+    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+) -> torch.Tensor:
+    """(B, 1) next tokens drawn from (B, vocab) logits, divided by ``temperature``, among the ``top_k`` likeliest."""
+    logits = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits.float(), dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator)
+
+
 @torch.inference_mode()
 def generate(
     model: GPT,
@@ -173,13 +185,7 @@ def generate(
                     logits, _ = model(idx[:, start:], cache=cache)
                 else:
                     logits, _ = model(idx[:, -1:], cache=cache)
-                logits = logits[:, -1, :] / temperature  # (B, vocab_size)
-                if top_k is not None:
-                    kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float("-inf"))
-                probs = F.softmax(logits.float(), dim=-1)
-                idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
-                idx = torch.cat((idx, idx_next), dim=1)
+                idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
     finally:
         model.train(was_training)
     return idx

@@ -21,7 +21,7 @@ def test_each_variant_config_works_on_its_own_on_top_of_a_fit_config(variant, ca
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", f"--config={ROOT / 'configs' / 'cpu.yaml'}", f"--config={variant}", "--print_config"])
     assert exc.value.code == 0
-    printed = yaml.safe_load(capsys.readouterr().out)["model"]
+    printed = yaml.safe_load(capsys.readouterr().out)["model"]["init_args"]
     for key, value in yaml.safe_load(variant.read_text())["model"].items():
         assert printed[key] == value
 

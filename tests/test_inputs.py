@@ -111,7 +111,8 @@ CASES = {
     "malformed checksum": ([*FIT, "--data.sha256=abc"], r"--data.sha256 'abc': give 64 lowercase hex digits"),
     "mistyped flag": (
         [*FIT, "--model.lerning_rate=1e-3"],
-        r"unrecognized arguments: --model.lerning_rate=1e-3; did you mean --model.learning_rate\?",
+        r"--model.lerning_rate is not a setting of ShakespeareGPT \(the character model\); "
+        r"did you mean --model.learning_rate\?",
     ),
     "sampling flag given to fit": (
         [*FIT, "--data.prompt=ROMEO:"],
@@ -190,8 +191,8 @@ def test_mistyped_config_key_gets_one_line_and_a_suggestion(folder, capsys):
     (folder / "mine.yaml").write_text("model:\n  lerning_rate: 1.0e-3\n")
     line = refused([*FIT, "--config=mine.yaml"], capsys)
     assert (
-        line
-        == "error: Subcommand 'fit' does not accept option 'model.lerning_rate'; did you mean --model.learning_rate?"
+        line == "error: --model.lerning_rate is not a setting of ShakespeareGPT (the character model); "
+        "did you mean --model.learning_rate?"
     )
 
 

@@ -35,6 +35,9 @@ SMALL = [
     "--trainer.log_every_n_steps=1",
     "--trainer.enable_progress_bar=false",
 ]
+# The same for the pretrained-model path: a smaller window, and no character-model flags.
+SMALL_PRETRAINED = ["--model.block_size=16", *SMALL[len(TINY_MODEL_ARGS) :]]
+TINY_GPT2 = ["--vocab-size=300", "--n-layer=1", "--n-head=2", "--n-embd=32", "--n-positions=64"]
 
 
 def readme_commands() -> list[str]:
@@ -133,7 +136,8 @@ def test_every_readme_command_runs_as_written(tmp_path):
             extra = []
             if words[1] == "fit":
                 steps = 6 if "--ckpt_path" in words else 4  # a resumed run goes on from the last one's 4
-                extra = [*SMALL, f"--trainer.max_steps={steps}"]
+                small = SMALL_PRETRAINED if "tiny_gpt2" in line else SMALL
+                extra = [*small, f"--trainer.max_steps={steps}"]
                 if "ddp" in words:
                     extra += ["--trainer.max_steps=2"]
             elif words[1] == "predict":
@@ -145,6 +149,12 @@ def test_every_readme_command_runs_as_written(tmp_path):
                 assert "Restoring states" in out.stderr + out.stdout
         elif words[:2] == ["tensorboard", "--logdir"]:
             check_tensorboard(folder, words[2])
+        elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.tiny_gpt2"]:
+            run([sys.executable, *words[1:], *TINY_GPT2], folder)
+        elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.compare"]:
+            run([sys.executable, *words[1:], "--max-new-tokens=20"], folder)
+            report = (folder / words[words.index("--out") + 1]).read_text()
+            assert "| CPU recipe | ShakespeareGPT |" in report and "| tiny GPT-2 | PretrainedLM |" in report
         elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.ablate"]:
             run([sys.executable, *words[1:]], folder)
             report = folder / "reports" / "seed_study" / "README.md"

@@ -1,0 +1,200 @@
+"""Any Hugging Face causal language model, fine-tuned, validated and sampled like the character model.
+
+``PretrainedLM`` is a ``LanguageModel``: the same AdamW and schedule, the same val loss and bits
+per character (see ``lightning_module.LanguageModel``), the same ``predict``. A config chooses it::
+
+    model:
+      class_path: shakespeare_gpt.pretrained.PretrainedLM
+      init_args:
+        pretrained: gpt2          # a Hub name, or a local folder (config.json, weights, tokenizer)
+
+and the CLI gives the data module the model's own tokenizer. Needs the ``pretrained`` extra
+(``pip install "shakespeare-gpt[pretrained]"``): ``transformers`` and ``tokenizers``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import inspect
+import logging
+from typing import Literal
+
+import torch
+
+from .errors import UserError
+from .lightning_module import LanguageModel
+from .sampling import check_sampling, sample_next
+
+INSTALL_HINT = 'pip install "shakespeare-gpt[pretrained]" (transformers and tokenizers)'
+
+
+def transformers_module():
+    """``transformers``, or a one-line ``UserError`` that says how to install it."""
+    try:
+        return importlib.import_module("transformers")
+    except ImportError:
+        raise UserError(f"pretrained models need the transformers package: {INSTALL_HINT}") from None
+
+
+@contextlib.contextmanager
+def loading(name: str, what: str):
+    """Turns the ways a Hub name or folder fails to load into one line that says what to do."""
+    try:
+        yield
+    except (OSError, ValueError, KeyError) as e:  # no network and no cache, a wrong name, an unknown format
+        reason = " ".join(str(e).split())[:240]
+        raise UserError(
+            f"cannot load the {what} of {name!r} ({reason}): with no network, download it where there is one "
+            f"(e.g. hf download {name}, into the Hugging Face cache) or give a local folder with its config.json, "
+            "weights and tokenizer files, e.g. --model.pretrained path/to/folder"
+        ) from None
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer behind the interface of ``CharTokenizer``: ``encode``, ``decode``, ``len``."""
+
+    def __init__(self, name: str, trust_remote_code: bool = False) -> None:
+        transformers = transformers_module()
+        with loading(name, "tokenizer"):
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+        if not self.tokenizer.is_fast:
+            raise UserError(
+                f"the tokenizer of {name!r} is not a fast (Rust) tokenizer: bits per character need its "
+                "character offsets"
+            )
+        self.name = name
+
+    def __len__(self) -> int:
+        return len(self.tokenizer)
+
+    def encode(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token ids of ``text``, and how many characters each completes.
+
+        A token completes the characters up to the end of its span in the text; a token that ends
+        inside a character already counted (a byte of a multi-byte character) completes none. The
+        counts add up to the length of the text.
+        """
+        # One long text: the tokenizer's "longer than the model's maximum length" warning does not apply.
+        quiet = logging.getLogger("transformers.tokenization_utils_base")
+        level = quiet.level
+        quiet.setLevel(logging.ERROR)
+        try:
+            enc = self.tokenizer(text, add_special_tokens=False, return_offsets_mapping=True, verbose=False)
+        finally:
+            quiet.setLevel(level)
+        ids = torch.tensor(enc["input_ids"], dtype=torch.long)
+        ends = torch.tensor([end for _, end in enc["offset_mapping"]], dtype=torch.long)
+        ends = torch.cummax(ends, dim=0).values if len(ends) else ends
+        chars = torch.diff(ends, prepend=torch.zeros(1, dtype=torch.long))
+        if len(ends) and ends[-1] < len(text):  # characters no token claims (dropped by the tokenizer): the last
+            chars[-1] += len(text) - ends[-1]
+        return ids, chars
+
+
+class PretrainedLM(LanguageModel):
+    """A Hugging Face causal LM (GPT-2 by default), loaded by name or from a local folder.
+
+    ``fit`` fine-tunes it on the corpus, ``validate`` reports its val loss per token and bits per
+    character, and ``predict`` samples from it; a model that is only prompted (zero-shot) needs
+    no ``fit``: give ``validate`` or ``predict`` no ``--ckpt_path``.
+
+    Args:
+        pretrained: a Hugging Face Hub name (``gpt2``, ``gpt2-medium``, ``tiiuae/falcon-7b``) or
+            the path of a folder saved with ``save_pretrained`` (config, weights and tokenizer).
+        block_size: tokens per training and validation window, at most the model's context.
+        learning_rate: peak AdamW learning rate.
+        lr_schedule: ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup from 0 over this many steps.
+        decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
+        weight_decay: AdamW weight decay, applied to matrices only (not biases or norm gains).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+        sample_tokens: tokens of sample text logged to TensorBoard at each validation (0: none).
+        trust_remote_code: run Python code that comes with the model (some Hub models need it).
+            Off unless you trust its authors: loading such a model runs their code.
+    """
+
+    def __init__(
+        self,
+        pretrained: str = "gpt2",
+        block_size: int = 256,
+        learning_rate: float = 5e-5,
+        lr_schedule: Literal["constant", "cosine"] = "cosine",
+        min_lr: float = 0.0,
+        warmup_steps: int = 100,
+        decay_steps: int | None = None,
+        weight_decay: float = 0.01,
+        beta1: float = 0.9,
+        beta2: float = 0.999,
+        sample_tokens: int = 100,
+        trust_remote_code: bool = False,
+    ) -> None:
+        super().__init__(
+            learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2, sample_tokens
+        )
+        self.save_hyperparameters()
+        # The CLI links the data's characters to every model's ``vocab``; a tokenizer needs none.
+        self.hparams.pop("vocab", None)
+        transformers = transformers_module()
+        self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
+        with loading(pretrained, "model"):
+            # fp32 weights whatever the file holds: mixed precision is the trainer's choice (bf16-mixed).
+            self.model = transformers.AutoModelForCausalLM.from_pretrained(
+                pretrained, dtype=torch.float32, trust_remote_code=trust_remote_code
+            )
+        config = self.model.config
+        # The key-value cache's name: ``cache`` from transformers 5, ``past_key_values`` before.
+        self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self.context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+            raise UserError(f"--model.block_size {block_size!r}: give a whole number >= 2")
+        if self.context and block_size > self.context:
+            raise UserError(
+                f"--model.block_size {block_size}: {pretrained} reads at most {self.context} tokens; "
+                f"give --model.block_size {self.context} or less"
+            )
+        n = sum(p.numel() for p in self.model.parameters())
+        self.flops_per_token = 6 * n  # for throughput and MFU; attention left out
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(input_ids=x, use_cache=False).logits
+
+    @torch.inference_mode()
+    def generate(
+        self,
+        idx: torch.Tensor,
+        max_new_tokens: int,
+        temperature: float = 1.0,
+        top_k: int | None = None,
+        generator: torch.Generator | None = None,
+    ) -> torch.Tensor:
+        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens.
+
+        The same draw as the character model's (``sampling.sample_next``), with the model's own
+        key-value cache; past the model's context, each step reads the last ``context`` tokens.
+        """
+        check_sampling(max_new_tokens, temperature, top_k, self.model.config.vocab_size)
+        was_training = self.model.training
+        self.model.eval()
+        past, context = None, self.context or float("inf")
+        try:
+            for _ in range(max_new_tokens):
+                if idx.size(1) > context:  # no cache holds positions past the context
+                    out, past = self.model(input_ids=idx[:, -context:], use_cache=False), None
+                elif past is None:
+                    out = self.model(input_ids=idx, use_cache=True)
+                else:
+                    out = self.model(input_ids=idx[:, -1:], use_cache=True, **{self.cache_name: past})
+                past = getattr(out, self.cache_name)
+                idx = torch.cat((idx, sample_next(out.logits[:, -1, :], temperature, top_k, generator)), dim=1)
+        finally:
+            self.model.train(was_training)
+        return idx

@@ -1,0 +1,210 @@
+"""Compare models on the same text: parameters, val bits per character, generation speed, and samples.
+
+    python -m shakespeare_gpt.tools.compare lightning_logs/cpu gpt2 --out reports/compare.md
+
+Each MODEL is one of
+  - a checkpoint of this project, or a folder of runs (its lowest-val checkpoint): a character
+    model, or a fine-tuned pretrained one;
+  - a Hugging Face name (``gpt2``) or a folder saved with ``save_pretrained``: scored zero-shot.
+``LABEL=MODEL`` names it in the report. Every model is validated and sampled through the same
+commands a user would type (``shakespeare-gpt validate`` and ``predict``, shown in the report),
+on the val split of the same corpus, with the same prompt and seed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import platform
+import shlex
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from ..errors import UserError
+from ..sampling import Sampling
+from .checks import ToolParser, fail, whole, writable_place
+
+PRETRAINED = "shakespeare_gpt.pretrained.PretrainedLM"
+
+
+@dataclass
+class Row:
+    label: str
+    spec: str
+    kind: str
+    parameters: int
+    block_size: int
+    val_loss: float
+    val_bpc: float
+    tokens_per_s: float
+    chars_per_s: float
+    sample: str
+    validate: str
+    predict: str
+
+
+def is_run(spec: str) -> bool:
+    """A checkpoint file, or a folder of this project's runs (rather than a Hugging Face model)."""
+    path = Path(spec)
+    return path.is_file() or (path.is_dir() and not (path / "config.json").is_file())
+
+
+def model_args(spec: str, block_size: int | None) -> list[str]:
+    """The CLI arguments that choose the model ``spec``."""
+    if is_run(spec):
+        return ["--ckpt_path", spec]
+    return ["--model", PRETRAINED, "--model.pretrained", spec] + (
+        ["--model.block_size", str(block_size)] if block_size else []
+    )
+
+
+def command(subcommand: str, args: list[str]) -> str:
+    return shlex.join(["shakespeare-gpt", subcommand, *args])
+
+
+def evaluate(label: str, spec: str, common: list[str], block_size: int | None, sampling: Sampling) -> Row:
+    """Validate ``spec`` through the CLI, then sample from the loaded model and time it."""
+    from ..cli import build  # the core's entry point
+
+    validate_args = model_args(spec, block_size) + common
+    quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
+    out = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(out):
+            cli = build(["validate", *validate_args, *quiet], run=True)
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
+    metrics = cli.trainer.callback_metrics
+    model = cli.model
+    request = sampling.request(model.tokenizer)
+    idx = request["idx"].to(model.device)
+    g = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
+    g = torch.Generator(device=model.device).manual_seed(sampling.seed)
+    start = time.perf_counter()
+    ids = model.generate(idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k, g)
+    seconds = time.perf_counter() - start
+    text = model.tokenizer.decode(ids[0].tolist())
+    new_chars = len(text) - len(model.tokenizer.decode(idx[0].tolist()))
+    sample_args = [f"--sample.{k}={v}" for k, v in vars(sampling).items() if k != "num_samples" and v is not None]
+    predict_args = model_args(spec, block_size) + [a for a in common if not a.startswith("--data")] + sample_args
+    return Row(
+        label=label,
+        spec=spec,
+        kind=type(model).__name__ + ("" if is_run(spec) else ", zero-shot"),
+        parameters=sum(p.numel() for p in model.model.parameters()),
+        block_size=model.hparams.block_size,
+        val_loss=float(metrics["val/loss"]),
+        val_bpc=float(metrics["val/bpc"]),
+        tokens_per_s=sampling.max_new_tokens / seconds,
+        chars_per_s=new_chars / seconds,
+        sample=text,
+        validate=command("validate", validate_args),
+        predict=command("predict", predict_args),
+    )
+
+
+def machine() -> str:
+    cpu = platform.processor() or platform.machine()
+    cpuinfo = Path("/proc/cpuinfo")
+    if cpuinfo.is_file():
+        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
+        cpu = names[0] if names else cpu
+    where = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
+    return f"{cpu}, {os.cpu_count()} cores, {where}; torch {torch.__version__}, Python {platform.python_version()}"
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def escape(text: str) -> str:
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
+def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str) -> str:
+    lines = [
+        "# Models compared on tiny Shakespeare's val split",
+        "",
+        f"Written by `python -m shakespeare_gpt.tools.compare {shlex.join(argv)}` at commit `{commit()}`, on "
+        f"{machine()}.",
+        "",
+        f"Corpus: `{corpus}`; val split: its last 10% of characters. **bpc**: the split's total negative "
+        "log-likelihood in bits over the characters its tokens cover, every token but the first scored once, "
+        "from at least half a window of context after the first window (windows of *block* tokens every "
+        "*block*/2). **loss**: nats per token of the model's own tokenizer, so only the bpc compares across "
+        "tokenizers. Generation: one sample of the same prompt and seed, timed after a 4-token warm-up; "
+        "tokens/s counts the model's tokens, chars/s the characters they decode to.",
+        "",
+        "| model | what | parameters | block | val loss (nats/token) | val bpc | tokens/s | chars/s |",
+        "|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        lines.append(
+            f"| {r.label} | {r.kind} | {r.parameters:,} | {r.block_size} | {r.val_loss:.4f} | {r.val_bpc:.4f} | "
+            f"{r.tokens_per_s:,.0f} | {r.chars_per_s:,.0f} |"
+        )
+    settings = ", ".join(f"{k}={v!r}" for k, v in vars(sampling).items() if k != "num_samples")
+    lines += ["", f"## Samples ({settings})", "", "<table><tr>"]
+    lines += [f"<th>{escape(r.label)}</th>" for r in rows]
+    lines += ["</tr><tr>"]
+    lines += [f'<td valign="top"><pre>{escape(r.sample)}</pre></td>' for r in rows]
+    lines += ["</tr></table>", "", "## Commands", ""]
+    for r in rows:
+        lines += [f"**{r.label}**", "```bash", r.validate, r.predict, "```", ""]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = ToolParser(prog="python -m shakespeare_gpt.tools.compare", description=__doc__.split("\n\n")[0])
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]checkpoint, run folder, Hub name or folder")
+    parser.add_argument("--out", default="reports/compare.md", help="the Markdown report to write")
+    parser.add_argument("--corpus", default="tinyshakespeare", help="as --data.corpus")
+    parser.add_argument(
+        "--block-size",
+        type=whole("--block-size", 2, "a window length in tokens", 256),
+        default=256,
+        help="window of a zero-shot pretrained model (a checkpoint keeps its own)",
+    )
+    parser.add_argument("--prompt", default="ROMEO:", help="the prompt of every sample")
+    parser.add_argument("--max-new-tokens", type=whole("--max-new-tokens", 1, "a number of tokens", 200), default=200)
+    parser.add_argument("--temperature", type=float, default=0.8, help="as --sample.temperature")
+    parser.add_argument("--top-k", type=whole("--top-k", 1, "a number of tokens", 40), default=None)
+    parser.add_argument("--seed", type=int, default=1337, help="the sampling seed")
+    parser.add_argument("--accelerator", default="auto", help="as --trainer.accelerator")
+    args = parser.parse_args(argv)
+    try:
+        writable_place("--out", args.out, "file")
+        sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.models]
+        common = ["--data.corpus", args.corpus, "--trainer.accelerator", args.accelerator]
+        rows = []
+        for label, spec in specs:
+            rows.append(evaluate(label, spec, common, args.block_size, sampling))
+            r = rows[-1]
+            print(f"{label}: val bpc {r.val_bpc:.4f}, {r.parameters:,} parameters, {r.chars_per_s:,.0f} chars/s")
+        out = Path(args.out)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.with_name(f".{out.name}.part")
+        tmp.write_text(report(rows, argv if argv is not None else sys.argv[1:], sampling, args.corpus) + "\n")
+        os.replace(tmp, out)
+    except UserError as e:
+        fail(e)
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    from ..cli import quiet_third_party
+
+    quiet_third_party()
+    main()

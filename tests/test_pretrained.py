@@ -1,0 +1,189 @@
+"""The pretrained-model path, offline: a tiny GPT-2 and a BPE tokenizer made here, loaded by path.
+
+``make_tiny_gpt2`` saves them with ``save_pretrained``; every test then loads the folder through
+``--model.pretrained``, the same ``from_pretrained`` calls a Hub download goes through.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("transformers")
+
+from shakespeare_gpt.cli import cli_main  # noqa: E402
+from shakespeare_gpt.tools import compare  # noqa: E402
+from shakespeare_gpt.tools.tiny_gpt2 import make_tiny_gpt2  # noqa: E402
+
+from .conftest import TINY_TEXT, tiny_fit_args  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG = ROOT / "configs" / "gpt2_finetune.yaml"
+
+
+@pytest.fixture(scope="module")
+def tiny_gpt2(tmp_path_factory) -> Path:
+    """A 2-layer GPT-2 (random weights) and a byte-level BPE tokenizer trained on the test corpus."""
+    folder = tmp_path_factory.mktemp("hub") / "tiny-gpt2"
+    corpus = folder.parent / "corpus.txt"
+    corpus.write_text(TINY_TEXT, encoding="utf-8")
+    return make_tiny_gpt2(folder, str(corpus), vocab_size=300, n_layer=2, n_head=2, n_embd=32, n_positions=64)
+
+
+def gpt2_args(subcommand: str, model: Path, corpus_dir: Path, *extra: str) -> list[str]:
+    """``subcommand`` with the GPT-2 config, on the CPU, the tiny model and corpus, small windows."""
+    return [
+        subcommand,
+        f"--config={CONFIG}",
+        "--trainer.accelerator=cpu",
+        "--trainer.precision=32-true",
+        f"--model.pretrained={model}",
+        "--model.block_size=16",
+        "--model.warmup_steps=2",
+        "--model.sample_tokens=5",
+        f"--data.corpus={corpus_dir / 'input.txt'}",
+        "--data.batch_size=4",
+        "--trainer.enable_progress_bar=false",
+        "--trainer.enable_model_summary=false",
+        *extra,
+    ]
+
+
+def test_fine_tune_resume_validate_and_predict_through_the_cli(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    steps = ["--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1"]
+    cli = cli_main(gpt2_args("fit", tiny_gpt2, corpus_dir, "--trainer.max_steps=4", *steps))
+    assert type(cli.model).__name__ == "PretrainedLM" and cli.trainer.global_step == 4
+    run = tmp_path / "lightning_logs" / "gpt2" / "version_0"
+    assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
+    first = {k: v.clone() for k, v in cli.model.state_dict().items()}
+    assert math.isfinite(cli.trainer.callback_metrics["val/bpc"])
+
+    # Resumed: the same run goes on to step 6, from the weights it stopped with.
+    cli = cli_main(gpt2_args("fit", tiny_gpt2, corpus_dir, "--trainer.max_steps=6", "--ckpt_path=last", *steps))
+    assert cli.trainer.global_step == 6 and Path(cli.trainer.logger.log_dir).resolve() == run
+    assert any(not torch.equal(first[k], v) for k, v in cli.model.state_dict().items())
+
+    # validate and predict from the run: the checkpoint decides the model, no config needed.
+    cli = cli_main(["validate", f"--ckpt_path={run}", f"--data.corpus={corpus_dir / 'input.txt'}"])
+    metrics = cli.trainer.callback_metrics
+    assert math.isfinite(metrics["val/bpc"]) and type(cli.model).__name__ == "PretrainedLM"
+    samples = tmp_path / "samples.txt"
+    args = ["--sample.prompt=All:", "--sample.max_new_tokens=12", "--sample.num_samples=2", f"--writer.path={samples}"]
+    cli_main(["predict", f"--ckpt_path={run}", *args])
+    text = samples.read_text()
+    assert text.count("----- sample") == 2 and "\nAll:" in text
+    # The same seed, the same samples.
+    first_text = text
+    cli_main(["predict", f"--ckpt_path={run}", *args])
+    assert samples.read_text() == first_text
+
+
+def test_zero_shot_validate_and_predict_need_no_fit(tiny_gpt2, corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir))
+    bpc = float(cli.trainer.callback_metrics["val/bpc"])
+    # An untrained model with a 300-token vocabulary: about log2(300) bits a token, spread over
+    # the characters of each token.
+    assert 1.0 < bpc < 8.2 and not (tmp_path / "lightning_logs").exists()
+    samples = tmp_path / "zero.txt"
+    cli_main([*gpt2_args("predict", tiny_gpt2, corpus_dir), "--sample.max_new_tokens=70", f"--writer.path={samples}"])
+    # 70 new tokens: past the model's 64 positions, where generation reads the last 64.
+    assert samples.read_text().startswith("----- sample 1 -----\n\n")
+
+
+def test_generation_with_the_cache_equals_generation_without_it(tiny_gpt2):
+    from shakespeare_gpt.pretrained import PretrainedLM
+
+    model = PretrainedLM(str(tiny_gpt2), block_size=32)
+    idx = torch.tensor([model.tokenizer.encode("All:\nSpeak")])
+    cached = model.generate(idx, 80, top_k=1)  # greedy, past the 64 positions
+    # By hand: the whole text (its last 64 tokens) through the model for every token.
+    by_hand = idx
+    with torch.no_grad():
+        for _ in range(80):
+            logits = model.model(input_ids=by_hand[:, -64:]).logits[:, -1]
+            by_hand = torch.cat([by_hand, logits.argmax(-1, keepdim=True)], dim=1)
+    assert torch.equal(cached, by_hand)
+
+
+def test_bpc_counts_characters_split_unevenly_across_tokens(tiny_gpt2):
+    from shakespeare_gpt.pretrained import HFTokenizer
+
+    tokenizer = HFTokenizer(str(tiny_gpt2))
+    text = "Speak, speak.\nÉtienne — café, naïve 🎭 Resolved.\n"  # multi-byte characters: bytes split them
+    ids, chars = tokenizer.encode_with_chars(text)
+    assert chars.sum() == len(text) and (chars >= 0).all()
+    assert tokenizer.decode(ids.tolist()) == text
+    assert set(chars.tolist()) - {1}  # some tokens cover several characters (and byte tokens none)
+
+
+def test_a_checkpoint_of_one_model_class_is_refused_for_another(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 2))
+    with pytest.raises(SystemExit):
+        cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir, f"--ckpt_path={tmp_path / 'lightning_logs'}"))
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("error: ") and "holds a ShakespeareGPT, not the PretrainedLM" in err
+
+
+def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "shakespeare_gpt", *args], capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+
+
+def test_no_network_and_no_local_copy_is_one_line_that_says_what_to_do(tmp_path, corpus_dir):
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
+    result = run_cli(["validate", f"--config={CONFIG}", "--trainer.accelerator=cpu"], env, tmp_path)
+    assert result.returncode == 1
+    last = result.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: cannot load the tokenizer of 'gpt2'") and "local folder" in last
+    assert "Traceback" not in result.stderr
+
+
+def test_without_transformers_the_error_says_how_to_install_it(corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setitem(sys.modules, "transformers", None)  # import transformers now fails, as when not installed
+    with pytest.raises(SystemExit) as exc:
+        cli_main(["validate", f"--config={CONFIG}", "--trainer.accelerator=cpu"])
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()
+    assert err[-1] == (
+        'error: pretrained models need the transformers package: pip install "shakespeare-gpt[pretrained]" '
+        "(transformers and tokenizers)"
+    )
+
+
+def test_compare_writes_a_report_of_every_model(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 4))  # a character model: lightning_logs/version_0
+    out = tmp_path / "reports" / "compare.md"
+    argv = [
+        "char=lightning_logs",
+        f"tiny GPT-2={tiny_gpt2}",
+        f"--corpus={corpus_dir / 'input.txt'}",
+        "--block-size=32",
+        "--max-new-tokens=20",
+        "--prompt=All:",
+        f"--out={out}",
+        "--accelerator=cpu",
+    ]
+    compare.main(argv)
+    text = out.read_text()
+    assert "| char | ShakespeareGPT |" in text and "| tiny GPT-2 | PretrainedLM, zero-shot |" in text
+    rows = [line for line in text.splitlines() if line.startswith("| char |") or line.startswith("| tiny GPT-2 |")]
+    for row in rows:
+        bpc = float(row.split("|")[6])
+        assert 0 < bpc < 10
+    assert text.count("<pre>All:") == 2
+    # The report's commands are the CLI's: the validate line of the GPT-2 runs as written.
+    line = next(x for x in text.splitlines() if x.startswith("shakespeare-gpt validate --model"))
+    result = run_cli(line.split()[1:], dict(os.environ), tmp_path)
+    assert result.returncode == 0, result.stderr[-500:]
