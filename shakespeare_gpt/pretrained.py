@@ -18,6 +18,7 @@ import contextlib
 import importlib
 import inspect
 import logging
+import os
 from typing import Literal
 
 import torch
@@ -98,6 +99,25 @@ class HFTokenizer:
         return ids, chars
 
 
+def check_memory(transformers, name: str, trust_remote_code: bool) -> None:
+    """Refuse, before any weight is read, a model whose fp32 weights alone exceed this machine's memory.
+
+    The weights are loaded into host memory first, whatever the device; the count comes from the
+    model's config, built on the meta device (no memory, no weights).
+    """
+    config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    n = sum(p.numel() for p in skeleton.parameters())
+    need, have = 4 * n, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    if need > have:
+        raise UserError(
+            f"{name} has {f'{n / 1e9:.1f}B' if n >= 1e9 else f'{n / 1e6:.1f}M'} parameters, "
+            f"{need / 2**30:.1f} GiB in fp32, more than the "
+            f"{have / 2**30:.1f} GiB of memory of this machine: use a machine with more, or a smaller model"
+        )
+
+
 class PretrainedLM(LanguageModel):
     """A Hugging Face causal LM (GPT-2 by default), loaded by name or from a local folder.
 
@@ -146,6 +166,7 @@ class PretrainedLM(LanguageModel):
         transformers = transformers_module()
         self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
         with loading(pretrained, "model"):
+            check_memory(transformers, pretrained, trust_remote_code)
             # fp32 weights whatever the file holds: mixed precision is the trainer's choice (bf16-mixed).
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
                 pretrained, dtype=torch.float32, trust_remote_code=trust_remote_code

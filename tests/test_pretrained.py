@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -131,6 +132,23 @@ def test_a_checkpoint_of_one_model_class_is_refused_for_another(tiny_gpt2, corpu
         cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir, f"--ckpt_path={tmp_path / 'lightning_logs'}"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "holds a ShakespeareGPT, not the PretrainedLM" in err
+
+
+def test_a_model_too_big_for_this_machine_is_refused_before_its_weights_are_read(
+    tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    # A machine with 64 KiB of memory: the tiny model's fp32 weights do not fit.
+    monkeypatch.setattr("shakespeare_gpt.pretrained.os.sysconf", lambda name: 16 if name == "SC_PHYS_PAGES" else 4096)
+    with pytest.raises(SystemExit) as exc:
+        cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir))
+    assert exc.value.code == 1
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert re.fullmatch(
+        rf"error: {re.escape(str(tiny_gpt2))} has 0\.\dM parameters, 0\.\d GiB in fp32, more than the 0\.0 GiB "
+        r"of memory of this machine: use a machine with more, or a smaller model",
+        err,
+    ), err
 
 
 def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.CompletedProcess:

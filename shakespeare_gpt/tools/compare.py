@@ -47,6 +47,7 @@ class Row:
     sample: str
     validate: str
     predict: str
+    checkpoint: str | None
 
 
 def is_run(spec: str) -> bool:
@@ -70,7 +71,7 @@ def command(subcommand: str, args: list[str]) -> str:
 
 def evaluate(label: str, spec: str, common: list[str], block_size: int | None, sampling: Sampling) -> Row:
     """Validate ``spec`` through the CLI, then sample from the loaded model and time it."""
-    from ..cli import build  # the core's entry point
+    from ..cli import best_checkpoint, build  # the core's entry point
 
     validate_args = model_args(spec, block_size) + common
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -107,6 +108,7 @@ def evaluate(label: str, spec: str, common: list[str], block_size: int | None, s
         sample=text,
         validate=command("validate", validate_args),
         predict=command("predict", predict_args),
+        checkpoint=str(best_checkpoint(Path(spec)) if Path(spec).is_dir() else spec) if is_run(spec) else None,
     )
 
 
@@ -161,7 +163,12 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str) ->
     lines += [f'<td valign="top"><pre>{escape(r.sample)}</pre></td>' for r in rows]
     lines += ["</tr></table>", "", "## Commands", ""]
     for r in rows:
-        lines += [f"**{r.label}**", "```bash", r.validate, r.predict, "```", ""]
+        lines += [f"**{r.label}**"]
+        if r.checkpoint:
+            config = Path(r.checkpoint).parent.parent / "config.yaml"
+            trained = f", trained with the settings in `{config}`" if config.is_file() else ""
+            lines += ["", f"Checkpoint `{r.checkpoint}`{trained}."]
+        lines += ["```bash", r.validate, r.predict, "```", ""]
     return "\n".join(lines)
 
 
