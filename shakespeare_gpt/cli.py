@@ -19,6 +19,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+import yaml
 from jsonargparse import ArgumentError, Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
@@ -253,25 +254,43 @@ class ShakespeareCLI(LightningCLI):
         known += [f"model.{k}" for k in model_defaults(PRETRAINED_MODEL if pretrained else CHAR_MODEL)]
         hints = []
         for key in unknown:
+            if pretrained and key.startswith("model.") and key[len("model.") :] in model_defaults(CHAR_MODEL):
+                hints.append(
+                    "it is a setting of ShakespeareGPT, the character model; a pretrained model's architecture is "
+                    "its own (its config.json)"
+                )
+                continue
             close = difflib.get_close_matches(key, known, n=1, cutoff=0.75)
             if not close:  # a misspelt field under the right group: compare field names alone
                 group, _, field = key.rpartition(".")
                 fields = [k.rpartition(".")[2] for k in known if k.rpartition(".")[0] == group]
-                close = [f"{group}.{f}" for f in difflib.get_close_matches(field, fields, n=1, cutoff=0.6)]
+                close = [f"{group}.{f}" for f in difflib.get_close_matches(field, fields, n=1, cutoff=0.7)]
             if close:
                 hints.append(f"did you mean --{close[0]}?")
             elif key.rpartition(".")[2] in {f.name for f in dataclasses.fields(Sampling)}:
                 hints.append(f"sampling settings are --sample.{key.rpartition('.')[2]}, given to predict")
+            elif key.startswith("model.") and key[len("model.") :] in model_defaults(PRETRAINED_MODEL):
+                hints.append(
+                    "it is a setting of PretrainedLM, the Hugging Face model: add --model PretrainedLM, or use a "
+                    "config that names it (e.g. configs/gpt2_finetune.yaml)"
+                )
         return f"{message}; {' '.join(hints) or help_hint}"
 
     def model_name(self, argv: list[str]) -> str:
-        """The model class the arguments choose, for messages: the character model unless they say."""
-        text = " ".join(argv)
-        if "PretrainedLM" in text:
-            return "PretrainedLM"
-        for path in re.findall(r"(?:--config[= ])(\S+)", text):
-            if Path(path).is_file() and "PretrainedLM" in Path(path).read_text(errors="replace"):
-                return "PretrainedLM"
+        """The model class the arguments choose (``--model``, or a config's ``model.class_path``), for messages."""
+        chosen = None
+        argv = [part for arg in argv for part in (arg.split("=", 1) if arg.startswith("--") else [arg])]
+        for flag, value in zip(argv, argv[1:], strict=False):
+            if flag in ("--config", "-c") and Path(value).is_file():
+                try:
+                    model = (yaml.safe_load(Path(value).read_text()) or {}).get("model")
+                except (yaml.YAMLError, AttributeError, UnicodeDecodeError):
+                    continue
+                chosen = model.get("class_path", chosen) if isinstance(model, dict) else chosen
+            elif flag == "--model" or flag == "--model.class_path":
+                chosen = value
+        if chosen and not is_char_model(chosen):
+            return str(chosen).rpartition(".")[2]
         return "ShakespeareGPT (the character model)"
 
     def before_instantiate_classes(self) -> None:
@@ -281,15 +300,10 @@ class ShakespeareCLI(LightningCLI):
         for key, value in self.runtime_settings.items():
             if key in model and value is not None:
                 model[key] = value
+        if "trust_remote_code" in model:  # only ever from this command line or config, never from a checkpoint
+            model.trust_remote_code = bool(self.runtime_settings["trust_remote_code"])
         if model.get("vocab") is not None and config.data.vocab is None:
             config.data.vocab = model.vocab  # the checkpoint's vocabulary: no corpus needed
-        if model.get("pretrained"):  # a pretrained model reads the text through its own tokenizer
-            if config.data.get("tokenizer") not in (None, model.pretrained):
-                raise UserError(
-                    f"--data.tokenizer {config.data.tokenizer} is not the tokenizer of --model.pretrained "
-                    f"{model.pretrained}: leave --data.tokenizer out, the model's own is used"
-                )
-            config.data.tokenizer = model.pretrained
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # --trainer.enable_progress_bar false wins over a config's bar settings (Lightning
             # would refuse the combination).
@@ -325,6 +339,8 @@ class ShakespeareCLI(LightningCLI):
             raise UserError(f"--trainer settings refused by Lightning: {e}") from None
 
     def after_instantiate_classes(self) -> None:
+        if isinstance(self.model, PretrainedLM):  # the model's own tokenizer reads the text and the prompt
+            self.datamodule.tokenizer = self.model.tokenizer
         if self.subcommand != "predict":  # the corpus against the vocabulary, before anything is written
             self.datamodule.encoded  # noqa: B018 (read, checked and kept for setup)
 
@@ -520,8 +536,16 @@ def check_matches(model: Namespace, ckpt: dict, path: str) -> None:
     """
     saved = ckpt["hyper_parameters"]
     saved_class = saved.get("_class_path", CHAR_MODEL)
-    if is_char_model(model.class_path) and not is_char_model(saved_class):  # nothing was asked of this class
-        model.init_args = Namespace()
+    if is_char_model(model.class_path) and not is_char_model(saved_class):
+        # The command line was read for the default class, the character model: keep what it changed.
+        char_defaults, saved_defaults = model_defaults(CHAR_MODEL), model_defaults(saved_class)
+        asked = {k: v for k, v in model.init_args.as_dict().items() if k != "vocab" and v != char_defaults.get(k)}
+        if foreign := sorted(set(asked) - set(saved_defaults)):
+            raise UserError(
+                f"{path} holds a {saved_class.rpartition('.')[2]}, which has no setting --model.{foreign[0]}: drop it; "
+                f"see {PROG} fit --model.help {saved_class.rpartition('.')[2]}"
+            )
+        model.init_args = Namespace(**asked)
     if not is_char_model(model.class_path) and model.class_path.rpartition(".")[2] != saved_class.rpartition(".")[2]:
         raise UserError(
             f"{path} holds a {saved_class.rpartition('.')[2]}, not the {model.class_path.rpartition('.')[2]} "

@@ -342,8 +342,9 @@ class ShakespeareDataModule(L.LightningDataModule):
             eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
         vocab: fixed characters to encode with; by default the sorted characters of the corpus.
             Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
-        tokenizer: a Hugging Face tokenizer (name or folder) to encode with instead of characters;
-            the CLI sets it to a pretrained model's own (``--model.pretrained``).
+
+    A model with a tokenizer of its own (``PretrainedLM``) encodes the text with it: the CLI sets
+    ``tokenizer`` to the model's before anything is read.
     """
 
     def __init__(
@@ -358,7 +359,6 @@ class ShakespeareDataModule(L.LightningDataModule):
         on_device: bool = False,
         eval_train: bool = False,
         vocab: str | None = None,
-        tokenizer: str | None = None,
     ) -> None:
         super().__init__()
         for flag, value, least in [
@@ -383,10 +383,12 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.eval_train = eval_train
         self.sampling = Sampling()  # what ``predict`` draws; the CLI sets it from ``--sample.*``
         self._vocab = vocab
-        self.tokenizer_name = tokenizer
         self._text: str | None = None
+        # Set by ``setup``: each split's token ids, and the characters each token completes.
         self.train_data: torch.Tensor | None = None
+        self.train_chars: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
+        self.val_chars: torch.Tensor | None = None
 
     @property
     def vocab(self) -> str:
@@ -397,12 +399,8 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     @functools.cached_property
     def tokenizer(self):
-        """Characters of ``vocab``, or the Hugging Face tokenizer named by ``tokenizer``."""
-        if self.tokenizer_name is None:
-            return CharTokenizer(self.vocab)
-        from .pretrained import HFTokenizer  # only with the ``pretrained`` extra
-
-        return HFTokenizer(self.tokenizer_name)
+        """Characters of ``vocab``, unless a model's own tokenizer is set here."""
+        return CharTokenizer(self.vocab)
 
     @property
     def text(self) -> str:
@@ -427,7 +425,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             try:
                 splits[name] = ids, _ = self.tokenizer.encode_with_chars(text)
             except UserError as e:
-                raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
+                raise UserError(f"the corpus {self.corpus} does not fit the model's vocabulary: {e}") from None
             if len(ids) < self.block_size + 1:
                 raise UserError(
                     f"the corpus {self.corpus}'s {name} split is {len(ids)} tokens: too short for one window of "

@@ -19,6 +19,7 @@ import importlib
 import inspect
 import logging
 import os
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -43,13 +44,29 @@ def loading(name: str, what: str):
     """Turns the ways a Hub name or folder fails to load into one line that says what to do."""
     try:
         yield
-    except (OSError, ValueError, KeyError) as e:  # no network and no cache, a wrong name, an unknown format
+    except UserError:
+        raise
+    except ImportError as e:  # a model or tokenizer that needs another package (sentencepiece, einops, ...)
+        raise UserError(f"cannot load the {what} of {name!r}: {' '.join(str(e).split())[:300]}") from None
+    except (OSError, ValueError, KeyError) as e:
         reason = " ".join(str(e).split())[:240]
-        raise UserError(
-            f"cannot load the {what} of {name!r} ({reason}): with no network, download it where there is one "
-            f"(e.g. hf download {name}, into the Hugging Face cache) or give a local folder with its config.json, "
-            "weights and tokenizer files, e.g. --model.pretrained path/to/folder"
-        ) from None
+        folder = Path(name)
+        if folder.is_dir() and ((folder / "checkpoints").is_dir() or any(folder.glob("version_*"))):
+            fix = f"{name} holds this project's runs: give it as --ckpt_path {name}, without --model"
+        elif folder.is_dir():
+            fix = (
+                f"{name} is a folder without a loadable model (a saved Hugging Face model has config.json, weights "
+                "and tokenizer files, as save_pretrained writes them)"
+            )
+        elif "Unrecognized configuration class" in reason:
+            fix = f"{name} is not a causal language model: give one that generates text (GPT-2, Falcon, Llama, ...)"
+        else:
+            fix = (
+                f"with no network, download it where there is one (e.g. hf download {name}, into the Hugging Face "
+                "cache) or give a local folder with its config.json, weights and tokenizer files, e.g. "
+                "--model.pretrained path/to/folder"
+            )
+        raise UserError(f"cannot load the {what} of {name!r} ({reason}): {fix}") from None
 
 
 class HFTokenizer:
@@ -73,14 +90,15 @@ class HFTokenizer:
         return self.tokenizer(text, add_special_tokens=False, verbose=False)["input_ids"]
 
     def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode(ids)
+        return self.tokenizer.decode(ids, clean_up_tokenization_spaces=False)  # the text as the tokens spell it
 
     def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of ``text``, and how many characters each completes.
+        """Token ids of ``text``, and how many characters each accounts for.
 
-        A token completes the characters up to the end of its span in the text; a token that ends
-        inside a character already counted (a byte of a multi-byte character) completes none. The
-        counts add up to the length of the text.
+        A token accounts for the characters from the end of the previous token's span in the text
+        to the end of its own (the tokenizer's offsets); a token whose span ends where an earlier
+        one's did (the later bytes of a multi-byte character) accounts for none. The counts add up
+        to the length of the text.
         """
         # One long text: the tokenizer's "longer than the model's maximum length" warning does not apply.
         quiet = logging.getLogger("transformers.tokenization_utils_base")
@@ -99,13 +117,12 @@ class HFTokenizer:
         return ids, chars
 
 
-def check_memory(transformers, name: str, trust_remote_code: bool) -> None:
+def check_memory(transformers, config, name: str, trust_remote_code: bool) -> None:
     """Refuse, before any weight is read, a model whose fp32 weights alone exceed this machine's memory.
 
     The weights are loaded into host memory first, whatever the device; the count comes from the
     model's config, built on the meta device (no memory, no weights).
     """
-    config = transformers.AutoConfig.from_pretrained(name, trust_remote_code=trust_remote_code)
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     n = sum(p.numel() for p in skeleton.parameters())
@@ -163,25 +180,26 @@ class PretrainedLM(LanguageModel):
         self.save_hyperparameters()
         # The CLI links the data's characters to every model's ``vocab``; a tokenizer needs none.
         self.hparams.pop("vocab", None)
+        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
+            raise UserError(f"--model.block_size {block_size!r}: give a whole number >= 2")
         transformers = transformers_module()
         self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
         with loading(pretrained, "model"):
-            check_memory(transformers, pretrained, trust_remote_code)
+            config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+            self.context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
+            if self.context and block_size > self.context:
+                raise UserError(
+                    f"--model.block_size {block_size}: {pretrained} reads at most {self.context} tokens; "
+                    f"give --model.block_size {self.context} or less"
+                )
+            check_memory(transformers, config, pretrained, trust_remote_code)
             # fp32 weights whatever the file holds: mixed precision is the trainer's choice (bf16-mixed).
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                pretrained, dtype=torch.float32, trust_remote_code=trust_remote_code
+                pretrained, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
             )
-        config = self.model.config
+        self.model.train()  # from_pretrained returns it in eval mode (dropout off); Lightning switches per stage
         # The key-value cache's name: ``cache`` from transformers 5, ``past_key_values`` before.
         self.cache_name = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
-        self.context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise UserError(f"--model.block_size {block_size!r}: give a whole number >= 2")
-        if self.context and block_size > self.context:
-            raise UserError(
-                f"--model.block_size {block_size}: {pretrained} reads at most {self.context} tokens; "
-                f"give --model.block_size {self.context} or less"
-            )
         n = sum(p.numel() for p in self.model.parameters())
         self.flops_per_token = 6 * n  # for throughput and MFU; attention left out
 
@@ -200,7 +218,9 @@ class PretrainedLM(LanguageModel):
         """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens.
 
         The same draw as the character model's (``sampling.sample_next``), with the model's own
-        key-value cache; past the model's context, each step reads the last ``context`` tokens.
+        key-value cache. Past the model's context, each step reads the last ``context`` tokens
+        again, without a cache (the character model instead moves its window a quarter block at a
+        time and refills its cache).
         """
         check_sampling(max_new_tokens, temperature, top_k, self.model.config.vocab_size)
         was_training = self.model.training

@@ -107,6 +107,7 @@ def test_generation_with_the_cache_equals_generation_without_it(tiny_gpt2):
     cached = model.generate(idx, 80, top_k=1)  # greedy, past the 64 positions
     # By hand: the whole text (its last 64 tokens) through the model for every token.
     by_hand = idx
+    model.eval()  # generate does the same for its duration
     with torch.no_grad():
         for _ in range(80):
             logits = model.model(input_ids=by_hand[:, -64:]).logits[:, -1]
@@ -114,15 +115,65 @@ def test_generation_with_the_cache_equals_generation_without_it(tiny_gpt2):
     assert torch.equal(cached, by_hand)
 
 
-def test_bpc_counts_characters_split_unevenly_across_tokens(tiny_gpt2):
+@pytest.mark.parametrize("trim_offsets", [False, True])
+def test_each_token_counts_the_characters_it_ends_with(tiny_gpt2, trim_offsets):
+    from tokenizers import processors
+
     from shakespeare_gpt.pretrained import HFTokenizer
 
     tokenizer = HFTokenizer(str(tiny_gpt2))
-    text = "Speak, speak.\nÉtienne — café, naïve 🎭 Resolved.\n"  # multi-byte characters: bytes split them
+    # Offsets as a tokenizer that trims spaces from its tokens' spans reports them.
+    tokenizer.tokenizer.backend_tokenizer.post_processor = processors.ByteLevel(trim_offsets=trim_offsets)
+    text = "Speak,   speak.\n\nÉtienne — café, naïve 🎭 Resolved.  \n"  # bytes split the multi-byte characters
     ids, chars = tokenizer.encode_with_chars(text)
-    assert chars.sum() == len(text) and (chars >= 0).all()
     assert tokenizer.decode(ids.tolist()) == text
-    assert set(chars.tolist()) - {1}  # some tokens cover several characters (and byte tokens none)
+    assert chars.sum() == len(text) and (chars >= 0).all()
+    assert (chars == 0).any() and (chars > 1).any()  # tokens inside a character, and tokens of several
+    # Wherever a prefix of the tokens decodes to whole characters, they count exactly those characters.
+    whole = 0
+    for k in range(1, len(ids) + 1):
+        prefix = tokenizer.decode(ids[:k].tolist())
+        if "\ufffd" not in prefix:
+            assert chars[:k].sum() == len(prefix), (k, prefix)
+            whole += 1
+    assert whole > len(ids) // 2
+
+
+def test_bpc_of_the_tiny_gpt2_equals_the_sum_done_by_hand(tiny_gpt2, corpus_dir):
+    import lightning as L
+
+    from shakespeare_gpt.data import ShakespeareDataModule, ValWindows
+    from shakespeare_gpt.pretrained import PretrainedLM
+
+    model = PretrainedLM(str(tiny_gpt2), block_size=16)
+    dm = ShakespeareDataModule(str(corpus_dir / "input.txt"), block_size=16, batch_size=4, val_batch_size=3)
+    dm.tokenizer = model.tokenizer  # as the CLI does
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, enable_model_summary=False)
+    (metrics,) = trainer.validate(model, dm, verbose=False)
+
+    # By hand: the val text's tokens, each but the first scored once from its window's context,
+    # over the characters of the text minus those of the first token.
+    val_text = TINY_TEXT[int(0.9 * len(TINY_TEXT)) :]
+    ids, chars = model.tokenizer.encode_with_chars(val_text)
+    windows = ValWindows(ids, 16)
+    nats, scored = 0.0, 0
+    model.eval()
+    with torch.no_grad():
+        for x, y in zip(windows.x, windows.y, strict=True):
+            for j in (y != -1).nonzero().flatten().tolist():
+                logits = model.model(input_ids=x[None, : j + 1]).logits[0, -1]
+                nats -= torch.log_softmax(logits.double(), -1)[y[j]].item()
+                scored += 1
+    assert scored == len(ids) - 1
+    assert metrics["val/loss"] == pytest.approx(nats / scored, rel=1e-5)
+    assert metrics["val/bpc"] == pytest.approx(nats / math.log(2) / (len(val_text) - chars[0].item()), rel=1e-5)
+
+
+def test_the_loaded_model_trains_with_its_dropout(tiny_gpt2):
+    from shakespeare_gpt.pretrained import PretrainedLM
+
+    model = PretrainedLM(str(tiny_gpt2), block_size=16)
+    assert all(m.training for m in model.modules())  # from_pretrained alone leaves it in eval mode
 
 
 def test_a_checkpoint_of_one_model_class_is_refused_for_another(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
@@ -132,6 +183,38 @@ def test_a_checkpoint_of_one_model_class_is_refused_for_another(tiny_gpt2, corpu
         cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir, f"--ckpt_path={tmp_path / 'lightning_logs'}"))
     err = capsys.readouterr().err.strip().splitlines()[-1]
     assert err.startswith("error: ") and "holds a ShakespeareGPT, not the PretrainedLM" in err
+
+
+def test_a_pretrained_checkpoint_refuses_settings_it_contradicts_or_lacks(
+    tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(gpt2_args("fit", tiny_gpt2, corpus_dir, "--trainer.max_steps=2", "--trainer.val_check_interval=2"))
+    run = tmp_path / "lightning_logs" / "gpt2"
+    data = f"--data.corpus={corpus_dir / 'input.txt'}"
+    for flag, message in [
+        ("--model.block_size=32", "was trained with block_size=16 (asked: 32)"),
+        ("--model.n_layer=3", "holds a PretrainedLM, which has no setting --model.n_layer: drop it"),
+    ]:
+        with pytest.raises(SystemExit):
+            cli_main(["validate", f"--ckpt_path={run}", data, flag])
+        err = capsys.readouterr().err.strip().splitlines()[-1]
+        assert err.startswith("error: ") and message in err, err
+    # A setting it agrees with, or one about how to run, is taken.
+    cli = cli_main(["validate", f"--ckpt_path={run}", data, "--model.block_size=16", "--model.sample_tokens=0"])
+    assert cli.model.hparams.block_size == 16
+
+
+def test_a_checkpoint_from_before_model_classes_still_loads(corpus_dir, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 2))
+    path = tmp_path / "lightning_logs" / "version_0" / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(path, weights_only=True)
+    for key in ("_class_path", "_instantiator"):  # what checkpoints written before this version lack
+        ckpt["hyper_parameters"].pop(key, None)
+    torch.save(ckpt, path)
+    cli = cli_main(["validate", f"--ckpt_path={path}", f"--data.corpus={corpus_dir / 'input.txt'}"])
+    assert type(cli.model).__name__ == "ShakespeareGPT" and math.isfinite(cli.trainer.callback_metrics["val/bpc"])
 
 
 def test_a_model_too_big_for_this_machine_is_refused_before_its_weights_are_read(

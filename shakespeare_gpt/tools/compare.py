@@ -30,8 +30,6 @@ from ..errors import UserError
 from ..sampling import Sampling
 from .checks import ToolParser, fail, whole, writable_place
 
-PRETRAINED = "shakespeare_gpt.pretrained.PretrainedLM"
-
 
 @dataclass
 class Row:
@@ -60,7 +58,9 @@ def model_args(spec: str, block_size: int | None) -> list[str]:
     """The CLI arguments that choose the model ``spec``."""
     if is_run(spec):
         return ["--ckpt_path", spec]
-    return ["--model", PRETRAINED, "--model.pretrained", spec] + (
+    from ..cli import PRETRAINED_MODEL
+
+    return ["--model", PRETRAINED_MODEL, "--model.pretrained", spec] + (
         ["--model.block_size", str(block_size)] if block_size else []
     )
 
@@ -82,15 +82,20 @@ def evaluate(label: str, spec: str, common: list[str], block_size: int | None, s
     except UserError as e:
         raise UserError(f"{label}: {e}") from None
     metrics = cli.trainer.callback_metrics
-    model = cli.model
-    request = sampling.request(model.tokenizer)
-    idx = request["idx"].to(model.device)
-    g = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
-    g = torch.Generator(device=model.device).manual_seed(sampling.seed)
-    start = time.perf_counter()
-    ids = model.generate(idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k, g)
-    seconds = time.perf_counter() - start
+    # The draw predict_step makes, on the device and in the precision the trainer runs in (Lightning
+    # moves the model back to the CPU after validate).
+    model, device = cli.model, cli.trainer.strategy.root_device
+    model.to(device)
+    idx = sampling.request(model.tokenizer)["idx"].to(device)
+    with cli.trainer.precision_plugin.forward_context():
+        g = torch.Generator(device=device).manual_seed(sampling.seed)
+        model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
+        g = torch.Generator(device=device).manual_seed(sampling.seed)
+        start = time.perf_counter()
+        ids = model.generate(idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k, g)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        seconds = time.perf_counter() - start
     text = model.tokenizer.decode(ids[0].tolist())
     new_chars = len(text) - len(model.tokenizer.decode(idx[0].tolist()))
     sample_args = [f"--sample.{k}={v}" for k, v in vars(sampling).items() if k != "num_samples" and v is not None]
