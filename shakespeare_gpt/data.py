@@ -194,7 +194,7 @@ class CharTokenizer:
         return "".join(self.vocab[i] for i in ids)
 
     def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of ``text``, and how many characters each completes: one, for characters."""
+        """Token ids of ``text``, and how many characters each accounts for: one, for characters."""
         ids = torch.tensor(self.encode(text), dtype=torch.long)
         return ids, torch.ones_like(ids)
 
@@ -213,7 +213,7 @@ class TrainWindows(Dataset):
 
     def __init__(self, data: torch.Tensor, block_size: int) -> None:
         if len(data) < block_size + 1:
-            raise UserError(f"the train split has {len(data)} characters, fewer than block_size + 1 = {block_size + 1}")
+            raise UserError(f"the train split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.data = data
         self.offsets = torch.arange(block_size + 1, device=data.device)
 
@@ -384,7 +384,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.sampling = Sampling()  # what ``predict`` draws; the CLI sets it from ``--sample.*``
         self._vocab = vocab
         self._text: str | None = None
-        # Set by ``setup``: each split's token ids, and the characters each token completes.
+        # Set by ``setup``: each split's token ids, and the characters each token accounts for.
         self.train_data: torch.Tensor | None = None
         self.train_chars: torch.Tensor | None = None
         self.val_data: torch.Tensor | None = None
@@ -418,14 +418,14 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     @functools.cached_property
     def encoded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each split as token ids and the characters each token completes, on the host; encoded once."""
+        """Each split as token ids and the characters each token accounts for, on the host; encoded once."""
         n = int(TRAIN_FRACTION * len(self.text))
         splits = {}
         for name, text in (("train", self.text[:n]), ("val", self.text[n:])):
             try:
                 splits[name] = ids, _ = self.tokenizer.encode_with_chars(text)
             except UserError as e:
-                raise UserError(f"the corpus {self.corpus} does not fit the model's vocabulary: {e}") from None
+                raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
             if len(ids) < self.block_size + 1:
                 raise UserError(
                     f"the corpus {self.corpus}'s {name} split is {len(ids)} tokens: too short for one window of "

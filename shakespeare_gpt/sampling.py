@@ -19,7 +19,7 @@ from .model import GPT
 def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
     """Raise a one-line ``UserError`` for settings that cannot sample."""
     if max_new_tokens < 0:
-        raise UserError(f"--sample.max_new_tokens {max_new_tokens}: give a number of characters >= 0")
+        raise UserError(f"--sample.max_new_tokens {max_new_tokens}: give a number of tokens >= 0")
     if not temperature > 0 or math.isinf(temperature):
         raise UserError(f"--sample.temperature {temperature}: give a finite number > 0 (--sample.top_k 1 is greedy)")
     if top_k is not None and not 1 <= top_k <= vocab_size:
@@ -33,11 +33,11 @@ class Sampling:
     """What ``predict`` draws from a checkpoint.
 
     Attributes:
-        prompt: text that every sample starts from; only characters of the model's vocabulary.
+        prompt: text that every sample starts from; for the character model, only characters of its vocabulary.
         num_samples: how many samples to draw, as one batch.
-        max_new_tokens: characters generated after the prompt.
+        max_new_tokens: tokens generated after the prompt (characters, for the character model).
         temperature: > 0; below 1 is more conservative, above 1 more random.
-        top_k: sample among the k most likely characters only (1 is greedy); null for all.
+        top_k: sample among the k most likely tokens only (1 is greedy); null for all.
         seed: seed of the sampling random generator, so a predict run can be repeated exactly.
     """
 

@@ -242,7 +242,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
         (["--sample.temperature=0"], r"--sample.temperature 0.0: give a finite number > 0"),
         (["--sample.top_k=0"], r"--sample.top_k 0: give a number >= 1 \(1 is greedy\), or null for all"),
         (["--sample.num_samples=0"], r"--sample.num_samples 0: give a number >= 1"),
-        (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give a number of characters >= 0"),
+        (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give a number of tokens >= 0"),
         (["--sample.prompt="], r"--sample.prompt is empty"),
         (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
     ],
