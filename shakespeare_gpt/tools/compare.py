@@ -139,13 +139,14 @@ def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
 
-def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str) -> str:
+def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, notes: list[str]) -> str:
     lines = [
         "# Models compared on tiny Shakespeare's val split",
         "",
         f"Written by `python -m shakespeare_gpt.tools.compare {shlex.join(argv)}` at commit `{commit()}`, on "
         f"{machine()}.",
         "",
+        *[line for note in notes for line in (note, "")],
         f"Corpus: `{corpus}`; val split: its last 10% of characters. **bpc**: the split's total negative "
         "log-likelihood in bits over the characters its tokens cover, every token but the first scored once, "
         "from at least half a window of context after the first window (windows of *block* tokens every "
@@ -194,6 +195,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--top-k", type=whole("--top-k", 1, "a number of tokens", 40), default=None)
     parser.add_argument("--seed", type=int, default=1337, help="the sampling seed")
     parser.add_argument("--accelerator", default="auto", help="as --trainer.accelerator")
+    parser.add_argument("--note", action="append", default=[], help="a paragraph for the report's head (repeatable)")
+    argv, sys.argv[1:] = (sys.argv[1:] if argv is None else argv), []  # the CLI built here reads only what it is given
     args = parser.parse_args(argv)
     try:
         writable_place("--out", args.out, "file")
@@ -208,7 +211,7 @@ def main(argv: list[str] | None = None) -> None:
         out = Path(args.out)
         out.parent.mkdir(parents=True, exist_ok=True)
         tmp = out.with_name(f".{out.name}.part")
-        tmp.write_text(report(rows, argv if argv is not None else sys.argv[1:], sampling, args.corpus) + "\n")
+        tmp.write_text(report(rows, argv, sampling, args.corpus, args.note) + "\n")
         os.replace(tmp, out)
     except UserError as e:
         fail(e)
