@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -284,7 +285,15 @@ def test_compare_writes_a_report_of_every_model(tiny_gpt2, corpus_dir, tmp_path,
         bpc = float(row.split("|")[6])
         assert 0 < bpc < 10
     assert text.count("<pre>All:") == 2
-    # The report's commands are the CLI's: the validate line of the GPT-2 runs as written.
+    # The report's commands are the CLI's: the validate line of the GPT-2 runs as written, and
+    # each predict line draws the very sample shown.
     line = next(x for x in text.splitlines() if x.startswith("shakespeare-gpt validate --model"))
-    result = run_cli(line.split()[1:], dict(os.environ), tmp_path)
+    result = run_cli(shlex.split(line)[1:], dict(os.environ), tmp_path)
     assert result.returncode == 0, result.stderr[-500:]
+    for line in (x for x in text.splitlines() if x.startswith("shakespeare-gpt predict")):
+        result = run_cli(
+            [*shlex.split(line)[1:], f"--writer.path={tmp_path / 'drawn.txt'}"], dict(os.environ), tmp_path
+        )
+        assert result.returncode == 0, result.stderr[-500:]
+        sample = result.stdout.split("----- sample 1 -----\n", 1)[1].rsplit("\nwrote 1 sample(s)", 1)[0]
+        assert f"<pre>{compare.escape(sample)}</pre>" in text

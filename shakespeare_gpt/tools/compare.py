@@ -71,11 +71,12 @@ def command(subcommand: str, args: list[str]) -> str:
     return shlex.join(["shakespeare-gpt", subcommand, *args])
 
 
-def evaluate(label: str, spec: str, common: list[str], block_size: int | None, sampling: Sampling) -> Row:
+def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: int | None, sampling: Sampling) -> Row:
     """Validate ``spec`` through the CLI, then sample from the loaded model and time it."""
     from ..cli import best_checkpoint, build  # the core's entry point
 
-    validate_args = model_args(spec, block_size) + common
+    trainer = ["--trainer.accelerator", accelerator]
+    validate_args = model_args(spec, block_size) + ["--data.corpus", corpus] + trainer
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
     out = io.StringIO()
     try:
@@ -104,7 +105,7 @@ def evaluate(label: str, spec: str, common: list[str], block_size: int | None, s
     text = model.tokenizer.decode(ids[0].tolist())
     new_chars = len(text) - len(model.tokenizer.decode(idx[0].tolist()))
     sample_args = [f"--sample.{k}={v}" for k, v in vars(sampling).items() if k != "num_samples" and v is not None]
-    predict_args = model_args(spec, block_size) + [a for a in common if not a.startswith("--data")] + sample_args
+    predict_args = model_args(spec, block_size) + trainer + sample_args
     return Row(
         label=label,
         spec=spec,
@@ -207,10 +208,9 @@ def main(argv: list[str] | None = None) -> None:
         writable_place("--out", args.out, "file")
         sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.models]
-        common = ["--data.corpus", args.corpus, "--trainer.accelerator", args.accelerator]
         rows = []
         for label, spec in specs:
-            rows.append(evaluate(label, spec, common, args.block_size, sampling))
+            rows.append(evaluate(label, spec, args.corpus, args.accelerator, args.block_size, sampling))
             r = rows[-1]
             print(f"{label}: val bpc {r.val_bpc:.4f}, {r.parameters:,} parameters, {r.chars_per_s:,.0f} chars/s")
         out = Path(args.out)
