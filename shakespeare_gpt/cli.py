@@ -44,7 +44,7 @@ from .pretrained import PretrainedLM
 from .sampling import Sampling
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
-RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code")
+RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code", "pretrained")  # pretrained: where, not what
 CHAR_MODEL = f"{ShakespeareGPT.__module__}.{ShakespeareGPT.__name__}"  # --model's class unless a config says
 PRETRAINED_MODEL = f"{PretrainedLM.__module__}.{PretrainedLM.__name__}"
 

@@ -362,13 +362,13 @@ class ShakespeareDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         for flag, value, least in [
-            ("block_size", block_size, 1),
-            ("batch_size", batch_size, 1),
-            ("val_batch_size", val_batch_size, 1),
-            ("num_workers", num_workers, 0),
+            ("--model.block_size", block_size, 1),  # the CLI links it from the model's
+            ("--data.batch_size", batch_size, 1),
+            ("--data.val_batch_size", val_batch_size, 1),
+            ("--data.num_workers", num_workers, 0),
         ]:
             if value is not None:
-                check_whole(f"--data.{flag}", value, least)
+                check_whole(flag, value, least)
         if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
             raise UserError(f"--data.sha256 {sha256!r}: give 64 lowercase hex digits, as sha256sum prints them")
         self.save_hyperparameters(ignore=["vocab"])

@@ -15,10 +15,13 @@ and the CLI gives the data module the model's own tokenizer. Needs the ``pretrai
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib
 import inspect
 import logging
 import os
+import socket
+import urllib.parse
 from pathlib import Path
 from typing import Literal
 
@@ -39,6 +42,66 @@ def transformers_module():
         raise UserError(f"pretrained models need the transformers package: {INSTALL_HINT}") from None
 
 
+def shorten(text: str, limit: int = 240) -> str:
+    """``text`` on one line, cut at a word boundary."""
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[:limit].rsplit(" ", 1)[0] + " ..."
+
+
+@functools.cache
+def hub_reachable() -> bool:
+    """Whether the Hugging Face Hub answers a connection within 5 s (asked once per process)."""
+    from huggingface_hub import constants
+
+    host = urllib.parse.urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+    try:
+        socket.create_connection((host, 443), timeout=5).close()
+        return True
+    except OSError:
+        return False
+
+
+def source(name: str) -> dict:
+    """Where ``name`` loads from, as ``from_pretrained`` options; a one-line ``UserError`` if from nowhere.
+
+    A local folder loads as it is. A Hub name loads from the Hub, or from the local cache when the
+    Hub cannot be reached; with neither, the answer is immediate, instead of a minute of retries.
+    """
+    if not name.strip():
+        raise UserError("--model.pretrained is empty: give a Hugging Face model name (e.g. gpt2) or a local folder")
+    path = Path(name).expanduser()
+    if path.is_file():
+        hint = f"give it as --ckpt_path {name}" if path.suffix == ".ckpt" else "give the folder that holds it"
+        raise UserError(f"--model.pretrained {name} is a file, not a model folder: {hint}")
+    if path.is_dir():
+        if (path / "checkpoints").is_dir() or any(path.glob("version_*")):
+            raise UserError(f"--model.pretrained {name} holds this project's runs: give it as --ckpt_path {name}")
+        return {}
+    offline = os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes")
+    reachable = not offline and hub_reachable()
+    a_path = name.startswith(("/", "./", "../", "~"))  # meant as a folder, not a Hub name
+    if a_path or (not reachable and path.parent.is_dir() and str(path.parent) != "."):
+        raise UserError(
+            f"--model.pretrained {name}: there is no such folder here (a fine-tuned checkpoint remembers where "
+            "its base model was: if the folder moved, give its new place with --model PretrainedLM --model.pretrained)"
+        )
+    if reachable:
+        return {}
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = isinstance(try_to_load_from_cache(name, "config.json"), str)
+    except Exception:  # not a valid Hub name: certainly not cached
+        cached = False
+    if cached:
+        return {"local_files_only": True}
+    raise UserError(
+        f"cannot load {name!r}: it is not a folder here, and the Hugging Face Hub cannot be reached to download it; "
+        f"download it where there is network (e.g. hf download {name}, into the Hugging Face cache) or give a local "
+        "folder with its config.json, weights and tokenizer files, e.g. --model.pretrained path/to/folder"
+    )
+
+
 @contextlib.contextmanager
 def loading(name: str, what: str):
     """Turns the ways a Hub name or folder fails to load into one line that says what to do."""
@@ -47,24 +110,20 @@ def loading(name: str, what: str):
     except UserError:
         raise
     except ImportError as e:  # a model or tokenizer that needs another package (sentencepiece, einops, ...)
-        raise UserError(f"cannot load the {what} of {name!r}: {' '.join(str(e).split())[:300]}") from None
+        raise UserError(f"cannot load the {what} of {name!r}: {shorten(e, 300)}") from None
     except (OSError, ValueError, KeyError) as e:
-        reason = " ".join(str(e).split())[:240]
-        folder = Path(name)
-        if folder.is_dir() and ((folder / "checkpoints").is_dir() or any(folder.glob("version_*"))):
-            fix = f"{name} holds this project's runs: give it as --ckpt_path {name}, without --model"
-        elif folder.is_dir():
+        reason = shorten(e)
+        if Path(name).is_dir():
             fix = (
-                f"{name} is a folder without a loadable model (a saved Hugging Face model has config.json, weights "
+                f"{name} is a folder without a loadable {what} (a saved Hugging Face model has config.json, weights "
                 "and tokenizer files, as save_pretrained writes them)"
             )
         elif "Unrecognized configuration class" in reason:
             fix = f"{name} is not a causal language model: give one that generates text (GPT-2, Falcon, Llama, ...)"
         else:
             fix = (
-                f"with no network, download it where there is one (e.g. hf download {name}, into the Hugging Face "
-                "cache) or give a local folder with its config.json, weights and tokenizer files, e.g. "
-                "--model.pretrained path/to/folder"
+                f"there is no folder {name} here, and the Hugging Face Hub has no model of that name that could be "
+                "loaded: check the name, or give a local folder with its config.json, weights and tokenizer files"
             )
         raise UserError(f"cannot load the {what} of {name!r} ({reason}): {fix}") from None
 
@@ -74,8 +133,16 @@ class HFTokenizer:
 
     def __init__(self, name: str, trust_remote_code: bool = False) -> None:
         transformers = transformers_module()
+        where = source(name)
         with loading(name, "tokenizer"):
-            self.tokenizer = transformers.AutoTokenizer.from_pretrained(name, trust_remote_code=trust_remote_code)
+            self.tokenizer = transformers.AutoTokenizer.from_pretrained(
+                name, trust_remote_code=trust_remote_code, **where
+            )
+        if not self.encode("To be, or not to be"):
+            raise UserError(
+                f"the tokenizer of {name!r} turns text into no tokens: the folder lacks its tokenizer files "
+                "(tokenizer.json and tokenizer_config.json, as save_pretrained writes them)"
+            )
         if not self.tokenizer.is_fast:
             raise UserError(
                 f"the tokenizer of {name!r} is not a fast (Rust) tokenizer: bits per character need its "
@@ -142,6 +209,12 @@ class PretrainedLM(LanguageModel):
     character, and ``predict`` samples from it; a model that is only prompted (zero-shot) needs
     no ``fit``: give ``validate`` or ``predict`` no ``--ckpt_path``.
 
+    The optimiser's defaults are the character model's (the CLI carries values over when a config
+    switches classes, so the two must agree); ``configs/gpt2_finetune.yaml`` sets a fine-tuning
+    recipe. A local folder is saved in checkpoints as an absolute path, so a fine-tuned checkpoint
+    finds its base model from any working directory; ``--model PretrainedLM --model.pretrained DIR``
+    tells it a new place.
+
     Args:
         pretrained: a Hugging Face Hub name (``gpt2``, ``gpt2-medium``, ``tiiuae/falcon-7b``) or
             the path of a folder saved with ``save_pretrained`` (config, weights and tokenizer).
@@ -163,15 +236,15 @@ class PretrainedLM(LanguageModel):
         self,
         pretrained: str = "gpt2",
         block_size: int = 256,
-        learning_rate: float = 5e-5,
-        lr_schedule: Literal["constant", "cosine"] = "cosine",
+        learning_rate: float = 3e-4,
+        lr_schedule: Literal["constant", "cosine"] = "constant",
         min_lr: float = 0.0,
-        warmup_steps: int = 100,
+        warmup_steps: int = 0,
         decay_steps: int | None = None,
         weight_decay: float = 0.01,
         beta1: float = 0.9,
         beta2: float = 0.999,
-        sample_tokens: int = 100,
+        sample_tokens: int = 200,
         trust_remote_code: bool = False,
     ) -> None:
         super().__init__(
@@ -184,8 +257,11 @@ class PretrainedLM(LanguageModel):
             raise UserError(f"--model.block_size {block_size!r}: give a whole number >= 2")
         transformers = transformers_module()
         self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
+        where = source(pretrained)
+        if Path(pretrained).expanduser().is_dir():  # found again by a checkpoint from any working directory
+            self.hparams.pretrained = str(Path(pretrained).expanduser().resolve())
         with loading(pretrained, "model"):
-            config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code)
+            config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **where)
             self.context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
             if self.context and block_size > self.context:
                 raise UserError(
@@ -195,7 +271,7 @@ class PretrainedLM(LanguageModel):
             check_memory(transformers, config, pretrained, trust_remote_code)
             # fp32 weights whatever the file holds: mixed precision is the trainer's choice (bf16-mixed).
             self.model = transformers.AutoModelForCausalLM.from_pretrained(
-                pretrained, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code
+                pretrained, config=config, dtype=torch.float32, trust_remote_code=trust_remote_code, **where
             )
         self.model.train()  # from_pretrained returns it in eval mode (dropout off); Lightning switches per stage
         # The key-value cache's name: ``cache`` from transformers 5, ``past_key_values`` before.
@@ -205,6 +281,15 @@ class PretrainedLM(LanguageModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return self.model(input_ids=x, use_cache=False).logits
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        # Before Lightning loads the weights: fine-tuned weights fit only the model they started from.
+        ours, theirs = self.state_dict(), checkpoint["state_dict"]
+        if set(ours) != set(theirs) or any(ours[k].shape != theirs[k].shape for k in ours):
+            raise UserError(
+                f"the checkpoint's weights do not fit {self.hparams.pretrained}: give --model.pretrained the model "
+                f"it was fine-tuned from ({checkpoint['hyper_parameters'].get('pretrained')}), or its new place"
+            )
 
     @torch.inference_mode()
     def generate(

@@ -12,6 +12,7 @@ import re
 import shlex
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -241,13 +242,88 @@ def run_cli(args: list[str], env: dict[str, str], cwd: Path) -> subprocess.Compl
     )
 
 
-def test_no_network_and_no_local_copy_is_one_line_that_says_what_to_do(tmp_path, corpus_dir):
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_HOME": str(tmp_path / "empty-cache")}
-    result = run_cli(["validate", f"--config={CONFIG}", "--trainer.accelerator=cpu"], env, tmp_path)
-    assert result.returncode == 1
-    last = result.stderr.strip().splitlines()[-1]
-    assert last.startswith("error: cannot load the tokenizer of 'gpt2'") and "local folder" in last
-    assert "Traceback" not in result.stderr
+@pytest.mark.parametrize("how", ["offline mode", "no route to the Hub"])
+def test_no_network_and_no_local_copy_is_one_line_at_once(tmp_path, corpus_dir, how):
+    env = {**os.environ, "HF_HOME": str(tmp_path / "empty-cache")}
+    if how == "offline mode":
+        env["HF_HUB_OFFLINE"] = "1"
+    else:  # a Hub that cannot be reached: nothing listens on this machine's port 443
+        env.pop("HF_HUB_OFFLINE", None)
+        env["HF_ENDPOINT"] = "https://127.0.0.1"
+    start = time.monotonic()
+    args = ["validate", f"--config={CONFIG}", "--trainer.accelerator=cpu", "--trainer.precision=32-true"]
+    result = run_cli(args, env, tmp_path)
+    assert result.returncode == 1 and time.monotonic() - start < 60
+    assert result.stderr.strip().splitlines() == [
+        "error: cannot load 'gpt2': it is not a folder here, and the Hugging Face Hub cannot be reached to download "
+        "it; download it where there is network (e.g. hf download gpt2, into the Hugging Face cache) or give a local "
+        "folder with its config.json, weights and tokenizer files, e.g. --model.pretrained path/to/folder"
+    ]
+
+
+@pytest.mark.parametrize(
+    "given,message",
+    [
+        ("", "--model.pretrained is empty: give a Hugging Face model name (e.g. gpt2) or a local folder"),
+        ("./models/nope", "--model.pretrained ./models/nope: there is no such folder here"),
+        ("notes.txt", "--model.pretrained notes.txt is a file, not a model folder: give the folder that holds it"),
+        ("run.ckpt", "--model.pretrained run.ckpt is a file, not a model folder: give it as --ckpt_path run.ckpt"),
+        ("runs", "--model.pretrained runs holds this project's runs: give it as --ckpt_path runs"),
+        ("no_tokenizer", "the tokenizer of 'no_tokenizer' turns text into no tokens: the folder lacks its tokenizer"),
+    ],
+)
+def test_a_wrong_model_place_is_one_line_that_names_it(given, message, tiny_gpt2, corpus_dir, tmp_path, monkeypatch):
+    import shutil
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "notes.txt").write_text("notes")
+    (tmp_path / "run.ckpt").write_bytes(b"")
+    (tmp_path / "runs" / "version_0").mkdir(parents=True)
+    (tmp_path / "no_tokenizer").mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_gpt2 / name, tmp_path / "no_tokenizer" / name)
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    args = [*gpt2_args("validate", tiny_gpt2, corpus_dir), f"--model.pretrained={given}"]
+    result = run_cli(args, env, tmp_path)
+    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-800:]
+    assert result.stderr.startswith(f"error: {message}"), result.stderr
+
+
+def test_a_fine_tuned_checkpoint_finds_its_base_model_from_anywhere_and_where_it_moved(
+    tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    import shutil
+
+    base = tmp_path / "work" / "models" / "tiny"
+    shutil.copytree(tiny_gpt2, base)
+    monkeypatch.chdir(tmp_path / "work")
+    cli_main(
+        gpt2_args("fit", Path("models/tiny"), corpus_dir, "--trainer.max_steps=2", "--trainer.val_check_interval=2")
+    )
+    run = tmp_path / "work" / "lightning_logs" / "gpt2"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)  # the relative path the run was given means nothing here
+    data = f"--data.corpus={corpus_dir / 'input.txt'}"
+    cli = cli_main(["validate", f"--ckpt_path={run}", data])
+    first = float(cli.trainer.callback_metrics["val/bpc"])
+    moved = tmp_path / "moved"
+    base.rename(moved)
+    with pytest.raises(SystemExit):
+        cli_main(["validate", f"--ckpt_path={run}", data])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err == (
+        f"error: --model.pretrained {base}: there is no such folder here (a fine-tuned checkpoint remembers where its "
+        "base model was: if the folder moved, give its new place with --model PretrainedLM --model.pretrained)"
+    )
+    cli = cli_main(["validate", f"--ckpt_path={run}", data, "--model=PretrainedLM", f"--model.pretrained={moved}"])
+    assert float(cli.trainer.callback_metrics["val/bpc"]) == first
+    # Another model's folder: its weights do not fit, said in one line before any is loaded.
+    other = make_tiny_gpt2(tmp_path / "other", str(corpus_dir / "input.txt"), 300, 1, 2, 16, 64)
+    with pytest.raises(SystemExit):
+        cli_main(["validate", f"--ckpt_path={run}", data, "--model=PretrainedLM", f"--model.pretrained={other}"])
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith(f"error: the checkpoint's weights do not fit {other}: give --model.pretrained the model")
 
 
 def test_without_transformers_the_error_says_how_to_install_it(corpus_dir, tmp_path, monkeypatch, capsys):
@@ -297,3 +373,34 @@ def test_compare_writes_a_report_of_every_model(tiny_gpt2, corpus_dir, tmp_path,
         assert result.returncode == 0, result.stderr[-500:]
         sample = result.stdout.split("----- sample 1 -----\n", 1)[1].rsplit("\nwrote 1 sample(s)", 1)[0]
         assert f"<pre>{compare.escape(sample)}</pre>" in text
+
+
+@pytest.mark.parametrize(
+    "argv,message",
+    [
+        ([], "the following arguments are required: MODEL"),
+        (
+            ["m=lightning_logs", "--max-new-tokens=0"],
+            "--max-new-tokens 0: give a number of tokens, a whole number >= 1",
+        ),
+        (["m=lightning_logs", "--block-size=0"], "--block-size 0: give a window length in tokens, a whole number >= 2"),
+        (["m=lightning_logs", "--temperature=0"], "--temperature 0: give a finite number > 0 (--top-k 1 is greedy)"),
+        (["m=lightning_logs", "--outt=a.md"], "unrecognized arguments: --outt=a.md (did you mean --out?)"),
+        (["foo="], "foo=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name or folder)"),
+        (["m=lightning_logs", "gone=./models/gone"], "gone: --model.pretrained ./models/gone: there is no such folder"),
+        (["m=lightning_logs", "--out=/proc/x.md"], "--out /proc/x.md: cannot write in /proc"),
+    ],
+    ids=["no model", "no tokens", "block 0", "temperature 0", "mistyped flag", "label only", "missing", "unwritable"],
+)
+def test_compare_refuses_bad_input_in_one_line_before_any_model_is_scored(
+    argv, message, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 2))  # a run for the good model in the list
+    capsys.readouterr()
+    before = sorted(str(p) for p in tmp_path.rglob("*"))
+    with pytest.raises(SystemExit) as exc:
+        compare.main(argv)
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
+    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

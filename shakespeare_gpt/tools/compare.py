@@ -13,6 +13,7 @@ on the val split of the same corpus, with the same prompt and seed.
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import io
 import os
@@ -123,6 +124,37 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     )
 
 
+def temperature(text: str) -> float:
+    """An argparse ``type``: a finite number > 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        value = float("nan")
+    if not 0 < value < float("inf"):
+        raise argparse.ArgumentTypeError(f"--temperature {text}: give a finite number > 0 (--top-k 1 is greedy)")
+    return value
+
+
+def check_model(label: str, spec: str) -> None:
+    """A one-line ``UserError`` unless ``spec`` names a checkpoint, a run with one, or a model that can be loaded."""
+    from ..cli import best_checkpoint, read_checkpoint
+    from ..pretrained import source
+
+    if not spec:
+        raise UserError(
+            f"{label}=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name or folder)"
+        )
+    try:
+        if Path(spec).is_dir() and is_run(spec):
+            best_checkpoint(Path(spec))
+        elif Path(spec).is_file():
+            read_checkpoint(spec)
+        else:
+            source(spec)
+    except UserError as e:
+        raise UserError(f"{label}: {e}") from None
+
+
 def machine() -> str:
     cpu = platform.processor() or platform.machine()
     cpuinfo = Path("/proc/cpuinfo")
@@ -163,8 +195,9 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, no
         "|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
+        label = r.label.replace("|", "&#124;")  # a | would end the table's cell
         lines.append(
-            f"| {r.label} | {r.kind} | {r.parameters:,} | {r.block_size} | {r.val_loss:.4f} | {r.val_bpc:.4f} | "
+            f"| {label} | {r.kind} | {r.parameters:,} | {r.block_size} | {r.val_loss:.4f} | {r.val_bpc:.4f} | "
             f"{r.tokens_per_s:,.0f} | {r.chars_per_s:,.0f} |"
         )
     settings = ", ".join(f"{k}={v!r}" for k, v in vars(sampling).items() if k != "num_samples")
@@ -187,7 +220,7 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, no
 def main(argv: list[str] | None = None) -> None:
     parser = ToolParser(prog="python -m shakespeare_gpt.tools.compare", description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]checkpoint, run folder, Hub name or folder")
-    parser.add_argument("--out", default="reports/compare.md", help="the Markdown report to write")
+    parser.add_argument("--out", default="lightning_logs/compare.md", help="the Markdown report to write")
     parser.add_argument("--corpus", default="tinyshakespeare", help="as --data.corpus")
     parser.add_argument(
         "--block-size",
@@ -197,17 +230,19 @@ def main(argv: list[str] | None = None) -> None:
     )
     parser.add_argument("--prompt", default="ROMEO:", help="the prompt of every sample")
     parser.add_argument("--max-new-tokens", type=whole("--max-new-tokens", 1, "a number of tokens", 200), default=200)
-    parser.add_argument("--temperature", type=float, default=0.8, help="as --sample.temperature")
+    parser.add_argument("--temperature", type=temperature, default=0.8, help="as --sample.temperature")
     parser.add_argument("--top-k", type=whole("--top-k", 1, "a number of tokens", 40), default=None)
     parser.add_argument("--seed", type=int, default=1337, help="the sampling seed")
     parser.add_argument("--accelerator", default="auto", help="as --trainer.accelerator")
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the report's head (repeatable)")
     argv, sys.argv[1:] = (sys.argv[1:] if argv is None else argv), []  # the CLI built here reads only what it is given
-    args = parser.parse_args(argv)
     try:
+        args = parser.parse_args(argv)
         writable_place("--out", args.out, "file")
         sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.models]
+        for label, spec in specs:  # every model found before the first is scored
+            check_model(label, spec)
         rows = []
         for label, spec in specs:
             rows.append(evaluate(label, spec, args.corpus, args.accelerator, args.block_size, sampling))
