@@ -272,7 +272,9 @@ def test_no_network_and_no_local_copy_is_one_line_at_once(tmp_path, corpus_dir, 
         ("no_tokenizer", "the tokenizer of 'no_tokenizer' turns text into no tokens: the folder lacks its tokenizer"),
     ],
 )
-def test_a_wrong_model_place_is_one_line_that_names_it(given, message, tiny_gpt2, corpus_dir, tmp_path, monkeypatch):
+def test_a_wrong_model_place_is_one_line_that_names_it(
+    given, message, tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys
+):
     import shutil
 
     monkeypatch.chdir(tmp_path)
@@ -282,11 +284,12 @@ def test_a_wrong_model_place_is_one_line_that_names_it(given, message, tiny_gpt2
     (tmp_path / "no_tokenizer").mkdir()
     for name in ("config.json", "model.safetensors"):
         shutil.copy(tiny_gpt2 / name, tmp_path / "no_tokenizer" / name)
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    args = [*gpt2_args("validate", tiny_gpt2, corpus_dir), f"--model.pretrained={given}"]
-    result = run_cli(args, env, tmp_path)
-    assert result.returncode == 1 and len(result.stderr.strip().splitlines()) == 1, result.stderr[-800:]
-    assert result.stderr.startswith(f"error: {message}"), result.stderr
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    capsys.readouterr()
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*gpt2_args("validate", tiny_gpt2, corpus_dir), f"--model.pretrained={given}"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert exc.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
 
 
 def test_a_fine_tuned_checkpoint_finds_its_base_model_from_anywhere_and_where_it_moved(
