@@ -49,9 +49,13 @@ CHAR_MODEL = f"{ShakespeareGPT.__module__}.{ShakespeareGPT.__name__}"  # --model
 PRETRAINED_MODEL = f"{PretrainedLM.__module__}.{PretrainedLM.__name__}"
 
 
+def class_name(class_path: str) -> str:
+    """The class a ``class_path`` names, in any of the forms jsonargparse writes it (``shakespeare_gpt.X``, ...)."""
+    return str(class_path).rpartition(".")[2]
+
+
 def is_char_model(class_path: str) -> bool:
-    """Whether ``class_path`` names ``ShakespeareGPT``, in any of the forms jsonargparse writes it."""
-    return str(class_path).rpartition(".")[2] == ShakespeareGPT.__name__
+    return class_name(class_path) == ShakespeareGPT.__name__
 
 
 CHECKPOINT_HINT = (
@@ -251,10 +255,11 @@ class ShakespeareCLI(LightningCLI):
             return message
         known = [k for k in list(self.parsers[subcommand].get_defaults().keys()) if not k.startswith("model.")]
         pretrained = self.model_name(argv) == "PretrainedLM"
-        known += [f"model.{k}" for k in model_defaults(PRETRAINED_MODEL if pretrained else CHAR_MODEL)]
+        char_settings, pretrained_settings = model_defaults(CHAR_MODEL), model_defaults(PRETRAINED_MODEL)
+        known += [f"model.{k}" for k in (pretrained_settings if pretrained else char_settings)]
         hints = []
         for key in unknown:
-            if pretrained and key.startswith("model.") and key[len("model.") :] in model_defaults(CHAR_MODEL):
+            if pretrained and key.startswith("model.") and key[len("model.") :] in char_settings:
                 hints.append(
                     "it is a setting of ShakespeareGPT, the character model; a pretrained model's architecture is "
                     "its own (its config.json)"
@@ -269,7 +274,7 @@ class ShakespeareCLI(LightningCLI):
                 hints.append(f"did you mean --{close[0]}?")
             elif key.rpartition(".")[2] in {f.name for f in dataclasses.fields(Sampling)}:
                 hints.append(f"sampling settings are --sample.{key.rpartition('.')[2]}, given to predict")
-            elif key.startswith("model.") and key[len("model.") :] in model_defaults(PRETRAINED_MODEL):
+            elif key.startswith("model.") and key[len("model.") :] in pretrained_settings:
                 hints.append(
                     "it is a setting of PretrainedLM, the Hugging Face model: add --model PretrainedLM, or use a "
                     "config that names it (e.g. configs/gpt2_finetune.yaml)"
@@ -290,7 +295,7 @@ class ShakespeareCLI(LightningCLI):
             elif flag == "--model" or flag == "--model.class_path":
                 chosen = value
         if chosen and not is_char_model(chosen):
-            return str(chosen).rpartition(".")[2]
+            return class_name(chosen)
         return "ShakespeareGPT (the character model)"
 
     def before_instantiate_classes(self) -> None:
@@ -536,19 +541,20 @@ def check_matches(model: Namespace, ckpt: dict, path: str) -> None:
     """
     saved = ckpt["hyper_parameters"]
     saved_class = saved.get("_class_path", CHAR_MODEL)
+    holds = class_name(saved_class)
     if is_char_model(model.class_path) and not is_char_model(saved_class):
         # The command line was read for the default class, the character model: keep what it changed.
         char_defaults, saved_defaults = model_defaults(CHAR_MODEL), model_defaults(saved_class)
         asked = {k: v for k, v in model.init_args.as_dict().items() if k != "vocab" and v != char_defaults.get(k)}
         if foreign := sorted(set(asked) - set(saved_defaults)):
             raise UserError(
-                f"{path} holds a {saved_class.rpartition('.')[2]}, which has no setting --model.{foreign[0]}: drop it; "
-                f"see {PROG} fit --model.help {saved_class.rpartition('.')[2]}"
+                f"{path} holds a {holds}, which has no setting --model.{foreign[0]}: drop it; "
+                f"see {PROG} fit --model.help {holds}"
             )
         model.init_args = Namespace(**asked)
-    if not is_char_model(model.class_path) and model.class_path.rpartition(".")[2] != saved_class.rpartition(".")[2]:
+    if not is_char_model(model.class_path) and class_name(model.class_path) != holds:
         raise UserError(
-            f"{path} holds a {saved_class.rpartition('.')[2]}, not the {model.class_path.rpartition('.')[2]} "
+            f"{path} holds a {holds}, not the {class_name(model.class_path)} "
             "this config asks for: a checkpoint decides its model; drop the config's model section"
         )
     model.class_path = saved_class  # the checkpoint's class, with its defaults, for what follows

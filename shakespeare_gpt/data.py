@@ -286,7 +286,7 @@ class ValWindows(Dataset):
     The split's first token is never a target: nothing precedes it.
 
     Items are ``(x, y, chars)``: inputs, targets, and how many characters of text each target
-    token completes (0 where not scored), so that bits per character is the same quantity for
+    token accounts for (0 where not scored), so that bits per character is the same quantity for
     every tokenizer. The pass is deterministic: the same weights always give the same loss.
     """
 
