@@ -1,248 +1,360 @@
-"""The ablation report: tables, plots and a verdict on each of the seed's ten observations."""
+"""The ablation report: every run as a CSV, tables, plots, and a verdict on each claim of the study file.
+
+Everything here reads the per-run results (``result.json`` files, or the CSV they are collected
+into), so ``ablate --report-only`` re-derives every verdict from a committed CSV.
+"""
 
 from __future__ import annotations
 
+import csv
+import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..errors import UserError
-from .study import Study
+from .study import Claim, Comparison, Run, Study
 
+LEVEL = 0.95
 RULE = (
-    "A difference between two numbers counts when it is larger than the sum of their standard "
-    "deviations over seeds; a difference within that is noise. A claim that something is better "
-    "(or worse) is supported by a difference that counts in its favour, contradicted by one that "
-    "counts against it, and inconclusive otherwise. A claim that something does not help, or does "
-    "not depend on the learning rate, is contradicted only by a difference that counts against it. "
-    "Variants are compared at their own best learning rate (lowest mean best-val loss), except where "
-    "an observation is about the learning rate or the gap: those compare the variants at each "
-    "learning rate of the grid."
+    "Each comparison is a difference d = metric(a) - metric(b) between two variants, estimated from the "
+    "seeds' means, with a 95% interval from Welch's t (standard error from each point's seed-to-seed "
+    "variance, degrees of freedom by Welch-Satterthwaite; a difference of several points' means, as in "
+    "lr_spread and across_lr, uses the same formula over all of them). The interval decides: a claim that "
+    "a is lower (higher) is supported when the interval lies below (above) zero, contradicted when it lies "
+    "above (below) zero, inconclusive when it contains zero. A claim of no effect (equal) is supported "
+    "when the interval lies inside +-margin, contradicted when it lies wholly outside it, inconclusive "
+    "otherwise; not_lower (not_higher) is supported when the interval lies above -margin (below +margin) "
+    "and contradicted when it lies wholly below -margin (above +margin). A claim tested at every learning "
+    "rate, or made of several comparisons, is supported when every test is, contradicted when any test is, "
+    "inconclusive otherwise. A variant's best learning rate is the one with the lowest mean best val loss; "
+    "the intervals do not allow for that choice having been made on the same runs."
+)
+COLUMNS = (
+    "variant",
+    "lr",
+    "seed",
+    "diverged",
+    "steps",
+    "best_val_loss",
+    "final_val_loss",
+    "best_train_loss",
+    "final_train_loss",
+    "final_gap",
+    "unigram_val_loss",
+    "seconds",
+    "commit",
+    "machine",
+    "settings",
 )
 
 
 @dataclass
 class Point:
-    """Seed statistics of one variant at one learning rate."""
+    """The runs of one variant at one learning rate."""
 
-    n: int
+    vals: list[float]  # best val loss of each seed
+    gaps: list[float]  # final val - final train of each seed
     diverged: int  # seeds whose loss became NaN or infinite (reported from their validations before)
-    val: float  # mean best val loss
-    val_sd: float
     final_val: float
     best_train: float
     final_train: float
-    gap: float  # mean final val - final train
-    gap_sd: float
+    unigram: float
+
+    @property
+    def n(self) -> int:
+        return len(self.vals)
+
+    @property
+    def val(self) -> float:
+        return statistics.mean(self.vals)
+
+    @property
+    def val_sd(self) -> float:
+        return statistics.stdev(self.vals) if self.n > 1 else math.nan
+
+    @property
+    def gap(self) -> float:
+        return statistics.mean(self.gaps)
+
+    @property
+    def gap_sd(self) -> float:
+        return statistics.stdev(self.gaps) if self.n > 1 else math.nan
+
+    def samples(self, metric: str) -> list[float]:
+        return self.vals if metric == "val" else self.gaps
 
 
-def _sd(xs: list[float]) -> float:
-    return statistics.stdev(xs) if len(xs) > 1 else 0.0
+Table = dict[str, dict[float, Point]]
 
 
-def aggregate(results: list[dict]) -> dict[str, dict[float, Point]]:
+def aggregate(results: list[dict]) -> Table:
     groups: dict[tuple[str, float], list[dict]] = defaultdict(list)
     for r in results:
-        groups[(r["variant"], r["lr"])].append(r)
-    table: dict[str, dict[float, Point]] = defaultdict(dict)
-    for (variant, lr), rs in groups.items():
-        best = [r["best_val_loss"] for r in rs]
-        gaps = [r["final_gap"] for r in rs]
+        groups[(r["variant"], float(r["lr"]))].append(r)
+    table: Table = defaultdict(dict)
+    for (variant, lr), rs in sorted(groups.items()):
+        rs.sort(key=lambda r: r["seed"])
         table[variant][lr] = Point(
-            n=len(rs),
+            vals=[r["best_val_loss"] for r in rs],
+            gaps=[r["final_gap"] for r in rs],
             diverged=sum(bool(r.get("diverged")) for r in rs),
-            val=statistics.mean(best),
-            val_sd=_sd(best),
             final_val=statistics.mean(r["final_val_loss"] for r in rs),
             best_train=statistics.mean(r["best_train_loss"] for r in rs),
             final_train=statistics.mean(r["final_train_loss"] for r in rs),
-            gap=statistics.mean(gaps),
-            gap_sd=_sd(gaps),
+            unigram=statistics.mean(r["unigram_val_loss"] for r in rs),
         )
-    return table
+    return dict(table)
 
 
-def best_lr(points: dict[float, Point]) -> float:
-    return min(points, key=lambda lr: points[lr].val)
+def best_lr(points: dict[float, Point], grid: list[float] | None = None) -> float:
+    return min(grid if grid is not None else points, key=lambda lr: points[lr].val)
+
+
+def fails_to_train(points: dict[float, Point]) -> bool:
+    """The study's test of "fails to train": at no learning rate is its mean best val loss below the
+    unigram loss (the val loss of predicting each character by its frequency in the training text)."""
+    return all(p.val >= p.unigram for p in points.values())
+
+
+# --- intervals and verdicts ---
+
+
+@dataclass
+class Estimate:
+    """A difference of means with its 95% Welch interval (``lo``/``hi`` are NaN without seed variance)."""
+
+    d: float
+    lo: float
+    hi: float
+    df: float
+
+    def __str__(self) -> str:
+        if math.isnan(self.lo):
+            return f"{self.d:+.4f} (no interval: a point has 1 seed)"
+        return f"{self.d:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}]"
+
+
+def t_quantile(p: float, df: float) -> float:
+    try:
+        from scipy.stats import t
+    except ImportError:
+        raise UserError('the report\'s intervals need scipy: pip install -e ".[report]"') from None
+    return float(t.ppf(p, df))
+
+
+def contrast(terms: list[tuple[float, list[float]]]) -> Estimate:
+    """sum(c * mean(x)) over independent samples x, with a Welch-Satterthwaite 95% interval."""
+    d = sum(c * statistics.mean(xs) for c, xs in terms)
+    if any(len(xs) < 2 for _, xs in terms):
+        return Estimate(d, math.nan, math.nan, math.nan)
+    parts = [c * c * statistics.variance(xs) / len(xs) for c, xs in terms]
+    var = sum(parts)
+    if var == 0:
+        return Estimate(d, d, d, math.inf)
+    df = var * var / sum(v * v / (len(xs) - 1) for v, (_, xs) in zip(parts, terms, strict=True))
+    half = t_quantile(0.5 + LEVEL / 2, df) * math.sqrt(var)
+    return Estimate(d, d - half, d + half, df)
+
+
+def judge(expect: str, est: Estimate, margin: float | None) -> str:
+    """supported / contradicted / inconclusive, by the rule in ``RULE``."""
+    lo, hi = est.lo, est.hi
+    if math.isnan(lo):
+        return "inconclusive"
+    m = margin or 0.0
+    rules = {  # (supported when, contradicted when)
+        "lower": (hi < 0, lo > 0),
+        "higher": (lo > 0, hi < 0),
+        "equal": (-m < lo and hi < m, lo > m or hi < -m),
+        "not_lower": (lo > -m, hi < -m),
+        "not_higher": (hi < m, lo > m),
+    }
+    supported, contradicted = rules[expect]
+    return "supported" if supported else "contradicted" if contradicted else "inconclusive"
+
+
+def combine(verdicts: list[str]) -> str:
+    if "contradicted" in verdicts:
+        return "contradicted"
+    return "supported" if verdicts and all(v == "supported" for v in verdicts) else "inconclusive"
+
+
+@dataclass
+class Test:
+    """One interval behind a verdict: what it compares, its estimate, its verdict, the points it used."""
+
+    label: str
+    estimate: Estimate
+    verdict: str
+    points: list[tuple[str, float]]
 
 
 @dataclass
 class Verdict:
-    number: int
-    claim: str
+    claim: Claim
     verdict: str  # supported / contradicted / inconclusive / not run
-    evidence: str
+    tests: list[Test] = field(default_factory=list)
+    note: str = ""
 
 
-def _at_best(table, v: str) -> Point:
-    return table[v][best_lr(table[v])]
+def _point_text(table: Table, v: str, lr: float, metric: str) -> str:
+    p = table[v][lr]
+    mean, sd = (p.val, p.val_sd) if metric != "gap" else (p.gap, p.gap_sd)
+    return f"{v} {mean:.4f}+-{sd:.4f} at lr {lr:g} (n={p.n})"
 
 
-def _fmt(table, v: str) -> str:
-    p = _at_best(table, v)
-    return f"{v} {p.val:.4f} +- {p.val_sd:.4f} (lr {best_lr(table[v]):g})"
+def compare(table: Table, part: Comparison, margin: float | None) -> list[Test]:
+    """The tests of one comparison (one, or one per learning rate)."""
+    a, b, metric = table[part.a], table[part.b], "gap" if part.metric == "gap" else "val"
+    shared = sorted(set(a) & set(b))
+    tests = []
+
+    def test(label: str, terms: list[tuple[float, str, float]]) -> None:
+        est = contrast([(c, table[v][lr].samples(metric)) for c, v, lr in terms])
+        points = [(v, lr) for _, v, lr in terms]
+        tests.append(Test(label, est, judge(part.expect, est, margin), points))
+
+    if part.metric == "lr_spread":
+        if len(shared) < 2:
+            return []
+        worst = {v: max(shared, key=lambda lr, v=v: table[v][lr].val) for v in (part.a, part.b)}
+        best = {v: best_lr(table[v], shared) for v in (part.a, part.b)}
+        label = ", ".join(f"{v}: lr {worst[v]:g} minus lr {best[v]:g}" for v in (part.a, part.b))
+        a_terms = [(1, part.a, worst[part.a]), (-1, part.a, best[part.a])]
+        test(f"spread {label}", [*a_terms, (-1, part.b, worst[part.b]), (1, part.b, best[part.b])])
+    elif part.at == "best_lr":
+        la, lb = best_lr(a), best_lr(b)
+        test(f"at best lrs ({la:g}, {lb:g})", [(1, part.a, la), (-1, part.b, lb)])
+    elif part.at == "every_lr":
+        for lr in shared:
+            test(f"lr {lr:g}", [(1, part.a, lr), (-1, part.b, lr)])
+    else:  # across_lr: the effect at each rate against the effect at a's best rate
+        if not shared:
+            return []
+        ref = best_lr(a, shared)
+        for lr in shared:
+            if lr != ref:
+                terms = [(1, part.a, lr), (-1, part.b, lr), (-1, part.a, ref), (1, part.b, ref)]
+                test(f"lr {lr:g} vs {ref:g}", terms)
+    return tests
 
 
-def _better(table, a: str, b: str) -> tuple[float, bool]:
-    """(loss of a - loss of b at their best lrs, whether that difference counts)."""
-    pa, pb = _at_best(table, a), _at_best(table, b)
-    d = pa.val - pb.val
-    return d, abs(d) > pa.val_sd + pb.val_sd
-
-
-def _pairwise(table, a: str, b: str, claim_a_better: bool) -> tuple[str, str]:
-    d, counts = _better(table, a, b)
-    evidence = f"{_fmt(table, a)} vs {_fmt(table, b)}: difference {d:+.4f}" + (" (counts)" if counts else " (noise)")
-    if not counts:
-        return "inconclusive", evidence
-    return ("supported" if (d < 0) == claim_a_better else "contradicted"), evidence
-
-
-def verdicts(table: dict[str, dict[float, Point]]) -> list[Verdict]:
+def evaluate(study: Study, table: Table) -> list[Verdict]:
     out = []
-
-    def need(*names: str) -> bool:
-        return all(n in table for n in names)
-
-    def add(number: int, claim: str, names: tuple[str, ...], judge) -> None:
-        if not need(*names):
-            missing = ", ".join(n for n in names if n not in table)
-            out.append(Verdict(number, claim, "not run", f"needs variants: {missing}"))
-        else:
-            out.append(Verdict(number, claim, *judge()))
-
-    def per_lr(a: str, b: str, attr: str, sd: str) -> tuple[list[float], list[bool], list[str]]:
-        """At each lr both variants ran: a - b, whether it counts, and a line of evidence."""
-        diffs, counts, lines = [], [], []
-        for lr in sorted(set(table[a]) & set(table[b])):
-            pa, pb = table[a][lr], table[b][lr]
-            d = getattr(pa, attr) - getattr(pb, attr)
-            c = abs(d) > getattr(pa, sd) + getattr(pb, sd)
-            diffs.append(d)
-            counts.append(c)
-            lines.append(f"lr {lr:g}: {d:+.4f}{' (counts)' if c else ''}")
-        return diffs, counts, lines
-
-    def obs1():
-        # The effect of dropout at each lr: its loss minus the loss without it.
-        diffs, counts, lines = per_lr("baseline", "no_dropout", "val", "val_sd")
-        helps = {d < 0 for d, c in zip(diffs, counts, strict=True) if c}
-        evidence = "with dropout minus without, best val loss: " + "; ".join(lines)
-        return ("contradicted" if len(helps) == 2 else "supported"), evidence
-
-    def obs2():
-        def spread(v):
-            pts = table[v]
-            hi, lo = max(pts, key=lambda lr: pts[lr].val), min(pts, key=lambda lr: pts[lr].val)
-            return pts[hi].val - pts[lo].val, pts[hi].val_sd + pts[lo].val_sd
-
-        s_multi, n_multi = spread("baseline")
-        s_single, n_single = spread("single_head")
-        d = s_multi - s_single
-        counts = abs(d) > n_multi + n_single
-        evidence = (
-            f"range of val loss over the lr grid: 4 heads {s_multi:.4f}, 1 head {s_single:.4f} "
-            f"(difference {d:+.4f}, noise {n_multi + n_single:.4f})"
-        )
-        if not counts:
-            return "inconclusive", evidence
-        return ("supported" if d < 0 else "contradicted"), evidence
-
-    def obs3():
-        diffs, counts, lines = per_lr("baseline", "single_head", "gap", "gap_sd")
-        evidence = "final val - train gap, 4 heads minus 1 head: " + "; ".join(lines)
-        favour = [d < 0 for d, c in zip(diffs, counts, strict=True) if c]
-        if favour and all(favour):
-            return "supported", evidence
-        if favour and not any(favour):
-            return "contradicted", evidence
-        return "inconclusive", evidence
-
-    def obs5():
-        v1, e1 = _pairwise(table, "baseline", "no_proj", claim_a_better=True)
-        v2, e2 = _pairwise(table, "no_residual", "no_residual_no_proj", claim_a_better=True)
-        evidence = f"with residuals: {e1}; without residuals: {e2}"
-        if "contradicted" in (v1, v2):
-            return "contradicted", evidence
-        return ("supported" if v1 == v2 == "supported" else "inconclusive"), evidence
-
-    def obs6():
-        d, counts = _better(table, "no_residual_no_norm", "no_residual_no_norm_1layer")
-        evidence = (
-            f"{_fmt(table, 'no_residual_no_norm')} (4 blocks) vs {_fmt(table, 'no_residual_no_norm_1layer')} "
-            f"(1 block): difference {d:+.4f}{' (counts)' if counts else ' (noise)'}"
-        )
-        return ("contradicted" if counts and d < 0 else "supported"), evidence
-
-    def obs7():
-        # Observation 5 already covers blocks with a feed-forward layer, where the seed found the
-        # projection helps; this study reads 7 as being about blocks without one.
-        verdict, evidence = _pairwise(table, "no_ffwd_no_residual", "no_ffwd_no_residual_no_proj", False)
-        return verdict, evidence + "; tested on blocks without feed-forward (observation 5 covers those with one)"
-
-    def obs9():
-        base = _at_best(table, "no_proj")
-        res, norm = _at_best(table, "no_residual_no_proj"), _at_best(table, "no_proj_no_norm")
-        d_res, d_norm = res.val - base.val, norm.val - base.val
-        counts = abs(d_res - d_norm) > res.val_sd + norm.val_sd
-        evidence = (
-            f"without the projection, removing residuals costs {d_res:+.4f}, removing layer norm "
-            f"{d_norm:+.4f} (from {_fmt(table, 'no_proj')})"
-        )
-        if not counts:
-            return "inconclusive", evidence
-        return ("supported" if d_res > d_norm else "contradicted"), evidence
-
-    add(1, "Whether dropout helps does not depend on the learning rate.", ("baseline", "no_dropout"), obs1)
-    add(2, "Multiple heads make the model less sensitive to the learning rate.", ("baseline", "single_head"), obs2)
-    add(3, "Multiple heads reduce overfitting (val - train gap).", ("baseline", "single_head"), obs3)
-    add(
-        4,
-        "Adding the feed-forward layer improves performance.",
-        ("baseline", "no_ffwd"),
-        lambda: _pairwise(table, "baseline", "no_ffwd", True),
-    )
-    add(
-        5,
-        "The attention output projection helps when there is a feed-forward layer, even without residuals.",
-        ("baseline", "no_proj", "no_residual", "no_residual_no_proj"),
-        obs5,
-    )
-    add(
-        6,
-        "Stacking blocks without residuals or layer norm does not help.",
-        ("no_residual_no_norm", "no_residual_no_norm_1layer"),
-        obs6,
-    )
-    add(
-        7,
-        "The attention projection hurts without residual connections.",
-        ("no_ffwd_no_residual", "no_ffwd_no_residual_no_proj"),
-        obs7,
-    )
-    add(
-        8,
-        "Residual connections are very useful.",
-        ("baseline", "no_residual"),
-        lambda: _pairwise(table, "baseline", "no_residual", True),
-    )
-    add(
-        9,
-        "Residual connections matter more than layer norm (with the attention projection removed).",
-        ("no_proj", "no_residual_no_proj", "no_proj_no_norm"),
-        obs9,
-    )
-    add(
-        10,
-        "Post-norm gives better numbers than pre-norm.",
-        ("post_norm", "baseline"),
-        lambda: _pairwise(table, "post_norm", "baseline", True),
-    )
+    for claim in study.claims:
+        missing = sorted({v for p in claim.parts for v in (p.a, p.b) if v not in table})
+        if missing:
+            out.append(Verdict(claim, "not run", note=f"needs variants: {', '.join(missing)}"))
+            continue
+        tests, verdicts = [], []
+        for part in claim.parts:
+            part_tests = compare(table, part, study.margin)
+            tests += part_tests
+            verdicts.append(combine([t.verdict for t in part_tests]))
+        out.append(Verdict(claim, combine(verdicts), tests))
     return out
 
 
-def plot(table: dict[str, dict[float, Point]], out: Path) -> list[str]:
+# --- the rounds of a study ---
+
+
+def _beyond(edge: float, inner: float) -> float:
+    """The next learning rate past ``edge``, at the grid's ratio there, to 2 significant digits."""
+    return float(f"{edge * edge / inner:.2g}")
+
+
+def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
+    """Every run the study wants, given the results so far, and why it wants those beyond its grid.
+
+    The grid of the file; each variant's grid grows past an end where its best learning rate
+    lies (up to ``extend_grid`` rates per end, unless it fails to train); once every run of the
+    grids has finished, the points behind a test whose interval straddles its threshold get
+    seeds up to ``max_seeds``.
+    """
+    table = aggregate(results)
+    notes: list[str] = []
+    grids: dict[str, list[float]] = {}
+    for v in study.variants:
+        grid = sorted(study.learning_rates)
+        points = table.get(v, {})
+        down = up = 0
+        while all(lr in points and points[lr].n >= len(study.seeds) for lr in grid) and study.extend_grid:
+            if fails_to_train({lr: points[lr] for lr in grid}):
+                notes.append(f"{v} fails to train (no lr beats the unigram loss): its grid is not extended")
+                break
+            best = best_lr(points, grid)
+            if best == grid[0] and down < study.extend_grid:
+                added = _beyond(grid[0], grid[1])
+                grid.insert(0, added)
+                down += 1
+            elif best == grid[-1] and up < study.extend_grid:
+                added = _beyond(grid[-1], grid[-2])
+                grid.append(added)
+                up += 1
+            else:
+                break
+            notes.append(f"{v} is best at lr {best:g}, an end of its grid: lr {added:g} added")
+        grids[v] = grid
+    runs = {Run(v, lr, s) for v, grid in grids.items() for lr in grid for s in study.seeds}
+    done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
+    if study.max_seeds > len(study.seeds) and all((r.variant, r.lr, r.seed) in done for r in runs):
+        more = list(study.seeds)
+        while len(more) < study.max_seeds:
+            more.append(max(more) + 1)
+        grid_table = {v: {lr: table[v][lr] for lr in grids[v]} for v in grids if v in table}
+        for verdict in evaluate(study, grid_table):
+            for t in verdict.tests:
+                if t.verdict == "inconclusive":
+                    runs |= {Run(v, lr, s) for v, lr in t.points for s in more}
+                    notes.append(
+                        f"claim {verdict.claim.id}: the interval of {t.label} straddles its threshold: "
+                        f"{len(more)} seeds for {', '.join(f'{v} lr {lr:g}' for v, lr in t.points)}"
+                    )
+    return sorted(runs, key=lambda r: (list(study.variants).index(r.variant), r.lr, r.seed)), notes
+
+
+# --- the CSV ---
+
+
+def write_csv(results: list[dict], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+        writer.writeheader()
+        for r in sorted(results, key=lambda r: (r["variant"], r["lr"], r["seed"])):
+            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+
+
+def read_csv(path: Path, study: Study) -> list[dict]:
+    """The results a report was written from, as ``write_csv`` wrote them; one-line errors otherwise."""
+    if not path.is_file():
+        raise UserError(f"no {path.name} in {path.parent}: run the study first, or give --report of a folder with one")
+    floats = ("lr", "best_val_loss", "final_val_loss", "best_train_loss", "final_train_loss", "final_gap")
+    results = []
+    with open(path, newline="") as f:
+        for line, row in enumerate(csv.DictReader(f), 2):
+            try:
+                r = dict(row)
+                for k in (*floats, "unigram_val_loss", "seconds"):
+                    r[k] = float(row[k])
+                r["seed"], r["steps"] = int(row["seed"]), int(row["steps"])
+                r["diverged"] = row["diverged"] == "True"
+            except (KeyError, TypeError, ValueError) as e:
+                raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
+            if r["variant"] not in study.variants:
+                raise UserError(f"{path}, line {line}: variant {r['variant']} is not in study {study.name}")
+            results.append(r)
+    if not results:
+        raise UserError(f"{path} has no runs: run the study first")
+    return results
+
+
+# --- plots and the Markdown ---
+
+
+def plot(table: Table, out: Path) -> list[str]:
     try:
         import matplotlib
     except ImportError:
@@ -251,8 +363,13 @@ def plot(table: dict[str, dict[float, Point]], out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    variants = sorted(table, key=lambda v: _at_best(table, v).val)
+    variants = sorted(table, key=lambda v: table[v][best_lr(table[v])].val)
     files = []
+
+    def ci(samples: list[float]) -> float:
+        if len(samples) < 2:
+            return 0.0
+        return t_quantile(0.5 + LEVEL / 2, len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
 
     cols = 4
     rows = -(-len(variants) // cols)
@@ -264,7 +381,7 @@ def plot(table: dict[str, dict[float, Point]], out: Path) -> list[str]:
             rl = sorted(ref)
             ax.plot(rl, [ref[lr].val for lr in rl], "--", color="grey", label="baseline")
         ax.errorbar(
-            lrs, [table[v][lr].val for lr in lrs], yerr=[table[v][lr].val_sd for lr in lrs], marker="o", capsize=3
+            lrs, [table[v][lr].val for lr in lrs], yerr=[ci(table[v][lr].vals) for lr in lrs], marker="o", capsize=3
         )
         ax.set_xscale("log")
         ax.set_title(v, fontsize=10)
@@ -275,24 +392,24 @@ def plot(table: dict[str, dict[float, Point]], out: Path) -> list[str]:
         ax.set_xlabel("learning rate")
     for ax in axes[:, 0]:
         ax.set_ylabel("best val loss")
-    fig.suptitle("Best val loss against learning rate (mean and standard deviation over seeds)")
+    fig.suptitle("Best val loss against learning rate (mean over seeds, 95% t interval)")
     fig.tight_layout()
     fig.savefig(out / "val_vs_lr.png", dpi=100)
     plt.close(fig)
     files.append("val_vs_lr.png")
 
-    for name, attr, sd, label in [
-        ("best_val.png", "val", "val_sd", "best val loss at the variant's best learning rate"),
-        ("gap.png", "gap", "gap_sd", "final val loss - train loss at the variant's best learning rate"),
+    for name, metric, label in [
+        ("best_val.png", "val", "best val loss at the variant's best learning rate (95% t interval)"),
+        ("gap.png", "gap", "final val loss - train loss at the variant's best learning rate (95% t interval)"),
     ]:
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(variants) + 1))
-        pts = [_at_best(table, v) for v in variants]
-        ax.barh(variants, [getattr(p, attr) for p in pts], xerr=[getattr(p, sd) for p in pts], capsize=3)
+        pts = [table[v][best_lr(table[v])] for v in variants]
+        means = [p.val if metric == "val" else p.gap for p in pts]
+        ax.barh(variants, means, xerr=[ci(p.samples(metric)) for p in pts], capsize=3)
         ax.invert_yaxis()
         ax.set_xlabel(label)
-        if attr == "val":
-            lo = min(p.val for p in pts)
-            ax.set_xlim(lo - 0.1, max(p.val for p in pts) + 0.05)
+        if metric == "val":
+            ax.set_xlim(min(means) - 0.1, max(means) + 0.05)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
@@ -301,25 +418,37 @@ def plot(table: dict[str, dict[float, Point]], out: Path) -> list[str]:
     return files
 
 
-def write_report(study: Study, results: list[dict], out: Path) -> Path:
-    """Write ``out/README.md`` and its PNG plots; return the Markdown file's path."""
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def write_report(study: Study, results: list[dict], out: Path, study_file: str, commit: str = "") -> Path:
+    """Write ``out/README.md`` and its PNG plots from ``results``; return the Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(results)
     plots = plot(table, out)
     seeds = sorted({r["seed"] for r in results})
     steps = sorted({r["steps"] for r in results})
-    minutes = sum(r["seconds"] for r in results) / 60
+    lrs = sorted({float(r["lr"]) for r in results})
+    commits = sorted({r.get("commit", "") for r in results} - {""})
+    machines = sorted({r.get("machine", "") for r in results} - {""})
+    hours = sum(r["seconds"] for r in results) / 3600
+    verdicts = evaluate(study, table)
     lines = [
         f"# Ablation study: {study.name}",
         "",
-        f"{len(results)} runs: {len(table)} variants x {len(study.learning_rates)} learning rates "
-        f"({', '.join(f'{lr:g}' for lr in study.learning_rates)}) x {len(seeds)} seeds, "
-        f"{'/'.join(map(str, steps))} steps each, base config `{study.base.name}`"
+        f"Study file `{study_file}`; {len(results)} runs of {len(table)} variants at learning rates "
+        f"{', '.join(f'{lr:g}' for lr in lrs)} with seeds {', '.join(map(str, seeds))} "
+        f"({'/'.join(map(str, steps))} steps each), base config `{study.base.name}`"
         + (f", extra arguments `{' '.join(study.args)}`" if study.args else "")
-        + f". {minutes:.0f} CPU-job minutes in all.",
+        + f". {hours:.1f} hours of run time in all (the sum over runs, each timed in its worker).",
         "",
-        "Written by `python -m shakespeare_gpt.tools.ablate` from the runs' `result.json` files; the runs' "
-        "TensorBoard logs (HParams tab) are in the study's log folder.",
+        f"- Runs computed by the code at commit(s) {', '.join(f'`{c}`' for c in commits) or 'not recorded'}"
+        + (f"; this report written at `{commit}`" if commit else "")
+        + ".",
+        f"- Machine(s): {'; '.join(machines) or 'not recorded'}.",
+        "- Every run is a row of [results.csv](results.csv); "
+        f"`python -m shakespeare_gpt.tools.ablate {study_file} --report-only` writes this report again from it.",
         "",
         "Losses are full passes: `val` over the whole val split, `train` over a train stretch of the "
         "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "
@@ -327,37 +456,50 @@ def write_report(study: Study, results: list[dict], out: Path) -> Path:
         "",
         "## Verdicts",
         "",
-        f"Rule: {RULE}",
+        f"Rule: {RULE}" + (f" The equivalence margin is {study.margin:g} nats." if study.margin else ""),
         "",
-        "| # | observation (the seed's) | verdict | numbers |",
+        "| # | claim | verdict | numbers (d = a - b, 95% interval) |",
         "|---|---|---|---|",
     ]
-    for v in verdicts(table):
-        lines.append(f"| {v.number} | {v.claim} | **{v.verdict}** | {v.evidence} |")
+    for v in verdicts:
+        if v.note:
+            evidence = v.note
+        else:
+            rows = []
+            for part, t in ((p, t) for p in v.claim.parts for t in compare(table, p, study.margin)):
+                shown = " - ".join(_point_text(table, pv, lr, part.metric) for pv, lr in t.points[:2])
+                rows.append(
+                    f"{part.a} vs {part.b}, {part.metric} {part.expect}, {t.label}: d = {t.estimate} "
+                    f"-> {t.verdict}" + (f" ({shown})" if len(t.points) == 2 else "")
+                )
+            evidence = "; ".join(rows)
+        lines.append(f"| {v.claim.id} | {_cell(v.claim.text)} | **{v.verdict}** | {_cell(evidence)} |")
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += [
         "",
         "## Each variant at its best learning rate",
         "",
-        "A best lr marked *edge* lies at the end of the grid: the variant might do better beyond it.",
+        "A best lr marked *edge* lies at an end of the variant's grid: it might do better beyond it. "
+        "Intervals are 95% t intervals of the mean over seeds.",
         "",
-        "| variant | best lr | best val loss | final val | best train | final train | gap |",
-        "|---|---|---|---|---|---|---|",
+        "| variant | best lr | seeds | best val loss | final val | best train | final train | gap | unigram loss |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
-    for v in sorted(table, key=lambda v: _at_best(table, v).val):
-        p, lr = _at_best(table, v), best_lr(table[v])
+    for v in sorted(table, key=lambda v: table[v][best_lr(table[v])].val):
+        lr = best_lr(table[v])
+        p = table[v][lr]
         edge = " *edge*" if lr in (min(table[v]), max(table[v])) and len(table[v]) > 1 else ""
         lines.append(
-            f"| {v} | {lr:g}{edge} | {p.val:.4f} +- {p.val_sd:.4f} | {p.final_val:.4f} | {p.best_train:.4f} "
-            f"| {p.final_train:.4f} | {p.gap:+.4f} +- {p.gap_sd:.4f} |"
+            f"| {v} | {lr:g}{edge} | {p.n} | {p.val:.4f} +- {p.val_sd:.4f} | {p.final_val:.4f} | "
+            f"{p.best_train:.4f} | {p.final_train:.4f} | {p.gap:+.4f} +- {p.gap_sd:.4f} | {p.unigram:.4f} |"
         )
     lines += [
         "",
         "## Every point",
         "",
-        "Seeds whose loss became NaN or infinite are counted under *diverged* and enter the means with "
-        "their validations before that.",
+        "Mean +- standard deviation over seeds. Seeds whose loss became NaN or infinite are counted under "
+        "*diverged* and enter the means with their validations before that.",
         "",
         "| variant | lr | seeds | diverged | best val loss | final val | best train | final train | gap |",
         "|---|---|---|---|---|---|---|---|---|",

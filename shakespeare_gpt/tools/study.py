@@ -1,4 +1,9 @@
-"""A study file: a base config, variants (each a list of override configs), learning rates and seeds."""
+"""A study file: a base config, variants (each a list of override configs), learning rates, seeds and claims.
+
+The claims are data: each compares two variants on a metric, in a direction, at each variant's
+best learning rate or at every learning rate; ``report.py`` turns them into verdicts. The
+fields, with the seed's study as the example, are described in docs/guide.md.
+"""
 
 from __future__ import annotations
 
@@ -13,7 +18,14 @@ import yaml
 from ..errors import UserError
 from .checks import did_you_mean, show
 
-FIELDS = ("name", "base", "variants", "learning_rates", "seeds", "args")  # args is optional
+REQUIRED = ("name", "base", "variants", "learning_rates", "seeds")
+FIELDS = (*REQUIRED, "args", "claims", "margin", "extend_grid", "max_seeds")
+# A claim compares variant a with variant b: d = metric(a) - metric(b), with a 95% interval.
+METRICS = ("val", "gap", "lr_spread")  # best val loss; final val - train; val at worst lr - val at best lr
+AT = ("best_lr", "every_lr", "across_lr")  # each at its best lr; at each lr; d at each lr minus d at a's best lr
+EXPECT = ("lower", "higher", "equal", "not_lower", "not_higher")
+CLAIM_FIELDS = ("id", "claim", "compare", "metric", "at", "expect", "all")
+PART_FIELDS = ("compare", "metric", "at", "expect")
 EXAMPLE = "configs/ablations/seed_study.yaml"
 # A study name and a variant name each name a folder: no separators, no "." or ".." or "-x" (a flag).
 FOLDER_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")
@@ -28,6 +40,26 @@ RESERVED = {
 }
 
 
+@dataclass(frozen=True)
+class Comparison:
+    """One test of a claim: ``metric(a) - metric(b)`` is expected to be ``expect`` (see ``report.judge``)."""
+
+    a: str
+    b: str
+    metric: str = "val"
+    at: str = "best_lr"
+    expect: str = "lower"
+
+
+@dataclass(frozen=True)
+class Claim:
+    """A claim of the study, supported only when all of its comparisons are."""
+
+    id: str
+    text: str
+    parts: tuple[Comparison, ...]
+
+
 @dataclass
 class Study:
     """A parsed study file; paths of configs are resolved against the file's folder."""
@@ -38,6 +70,10 @@ class Study:
     learning_rates: list[float]
     seeds: list[int]
     args: list[str] = field(default_factory=list)
+    claims: list[Claim] = field(default_factory=list)
+    margin: float | None = None  # equivalence margin, in nats, for claims of no effect
+    extend_grid: int = 0  # learning rates a variant's grid may grow by at each end
+    max_seeds: int = 0  # seeds a point may get where a verdict's interval straddles its threshold
 
     @classmethod
     def load(cls, path: str | Path) -> Study:
@@ -51,20 +87,36 @@ class Study:
                     f"{where}: unknown field {show(key)}{did_you_mean(str(key), FIELDS)}; "
                     f"the fields are {', '.join(FIELDS)}"
                 )
-        missing = [f for f in FIELDS if f != "args" and f not in raw]
+        missing = [f for f in REQUIRED if f not in raw]
         if missing:
             raise UserError(f"{where} lacks {', '.join(missing)}: see {EXAMPLE}")
         here = path.parent
+        variants = _variants(where, raw["variants"], here)
+        seeds = _seeds(where, raw["seeds"])
+        claims = _claims(where, raw.get("claims"), variants)
+        margin = raw.get("margin")
+        if margin is not None and not _positive(margin):
+            raise UserError(f"{where}: margin {show(margin)}: give a positive number of nats, e.g. margin: 0.02")
+        if margin is None and any(p.expect not in ("lower", "higher") for c in claims for p in c.parts):
+            raise UserError(
+                f"{where}: a claim of no effect (expect: equal, not_lower or not_higher) needs an equivalence "
+                "margin: add e.g. margin: 0.02 (in nats of val loss)"
+            )
         return cls(
             name=_folder_name(where, "name", raw["name"], "name: seed_study"),
             base=_config(where, "base", raw["base"], here),
-            variants=_variants(where, raw["variants"], here),
+            variants=variants,
             learning_rates=_learning_rates(where, raw["learning_rates"]),
-            seeds=_seeds(where, raw["seeds"]),
+            seeds=seeds,
             args=_args(where, raw.get("args")),
+            claims=claims,
+            margin=None if margin is None else float(margin),
+            extend_grid=_count(where, "extend_grid", raw.get("extend_grid", 0), 0, "extend_grid: 2"),
+            max_seeds=_count(where, "max_seeds", raw.get("max_seeds", len(seeds)), len(seeds), "max_seeds: 6"),
         )
 
     def runs(self) -> list[Run]:
+        """The grid the file gives; ``report.plan`` adds the rounds that follow from the results."""
         return [Run(v, lr, s) for v in self.variants for lr in self.learning_rates for s in self.seeds]
 
     def run_args(self, run: Run, study_dir: Path) -> list[str]:
@@ -84,11 +136,14 @@ class Study:
             "--checkpoint.save_last=false",
         ]
 
-    def settings(self, run: Run, study_dir: Path) -> str:
-        """Fingerprint of what a run computes: its arguments and the contents of its config files."""
-        digest = hashlib.sha256("\0".join(self.run_args(run, study_dir)).encode())
+    def settings(self, run: Run) -> str:
+        """Fingerprint of what a run computes: the contents of its config files, the study's args, lr and seed.
+
+        Paths are left out, so a study folder and its checkout can move without invalidating its runs.
+        """
+        digest = hashlib.sha256("\0".join([*self.args, f"lr={run.lr!r}", f"seed={run.seed}"]).encode())
         for config in [self.base, *self.variants[run.variant]]:
-            digest.update(config.read_bytes())
+            digest.update(b"\0" + config.read_bytes())
         return digest.hexdigest()
 
 
@@ -254,3 +309,83 @@ def _args(where: str, value: object) -> list[str]:
                     f"{where}: args item {show(arg)} sets {reserved}, which the study sets ({why}): drop it"
                 )
     return list(value)
+
+
+def _positive(value: object) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) and value > 0
+
+
+def _count(where: str, field: str, value: object, least: int, example: str) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < least:
+        raise UserError(f"{where}: {field} {show(value)}: give a whole number >= {least}, e.g. {example}")
+    return value
+
+
+def _choice(where: str, field: str, value: object, choices: tuple[str, ...]) -> str:
+    if value not in choices:
+        hint = did_you_mean(str(value), choices)
+        raise UserError(f"{where}: {field} {show(value)}{hint}: give one of {', '.join(choices)}")
+    return str(value)
+
+
+def _comparison(where: str, raw: object, variants: dict, defaults: dict) -> Comparison:
+    example = "{compare: [baseline, no_ffwd], metric: val, at: best_lr, expect: lower}"
+    if not isinstance(raw, dict):
+        raise UserError(f"{where}: {show(raw)}: give a comparison, e.g. {example}")
+    for key in raw:
+        if key not in PART_FIELDS:
+            raise UserError(
+                f"{where}: unknown field {show(key)}{did_you_mean(str(key), PART_FIELDS)}; "
+                f"a comparison has {', '.join(PART_FIELDS)}"
+            )
+    pair = raw.get("compare")
+    if not (isinstance(pair, list) and len(pair) == 2):
+        raise UserError(f"{where}: compare {show(pair)}: give two variants, e.g. compare: [baseline, no_ffwd]")
+    for name in pair:
+        if name not in variants:
+            raise UserError(
+                f"{where}: compare names {show(name)}, which is not a variant of the study"
+                f"{did_you_mean(str(name), variants)}; the variants are {', '.join(variants)}"
+            )
+    merged = {**defaults, **raw}
+    return Comparison(
+        a=pair[0],
+        b=pair[1],
+        metric=_choice(where, "metric", merged.get("metric", "val"), METRICS),
+        at=_choice(where, "at", merged.get("at", "best_lr"), AT),
+        expect=_choice(where, "expect", merged.get("expect", "lower"), EXPECT),
+    )
+
+
+def _claims(where: str, value: object, variants: dict) -> list[Claim]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{where}: claims {show(value)}: give a list of claims; see {EXAMPLE}")
+    claims, ids = [], set()
+    for n, raw in enumerate(value, 1):
+        at = f"{where}: claim {n}"
+        if not isinstance(raw, dict):
+            raise UserError(f"{at}: {show(raw)}: give a mapping with id, claim, compare and expect; see {EXAMPLE}")
+        for key in raw:
+            if key not in CLAIM_FIELDS:
+                raise UserError(
+                    f"{at}: unknown field {show(key)}{did_you_mean(str(key), CLAIM_FIELDS)}; "
+                    f"a claim has {', '.join(CLAIM_FIELDS)}"
+                )
+        claim_id = str(raw.get("id", n))
+        if claim_id in ids:
+            raise UserError(f"{at}: id {claim_id} is used twice: give each claim its own id")
+        ids.add(claim_id)
+        text = raw.get("claim")
+        if not isinstance(text, str) or not text.strip():
+            raise UserError(f"{at}: give the claim's words, e.g. claim: Adding the feed-forward layer helps.")
+        if "all" in raw:
+            if "compare" in raw or not isinstance(raw["all"], list) or not raw["all"]:
+                raise UserError(f"{at}: all: give a list of comparisons (and no compare beside it); see {EXAMPLE}")
+            defaults = {k: raw[k] for k in ("metric", "at", "expect") if k in raw}
+            parts = tuple(_comparison(at, part, variants, defaults) for part in raw["all"])
+        else:
+            parts = (_comparison(at, {k: v for k, v in raw.items() if k in PART_FIELDS}, variants, {}),)
+        claims.append(Claim(claim_id, text.strip(), parts))
+    return claims
