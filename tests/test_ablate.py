@@ -1,5 +1,13 @@
-"""The ablation study: variant configs, the runner's resume, the report and its verdict rules."""
+"""The ablation study on its engine (Ray): variant configs, the runner's rounds, resume, lock and interrupts,
+the cluster path, the report and the CSV it can be written again from. The verdict rules: test_verdicts.py."""
 
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -8,7 +16,6 @@ import yaml
 from shakespeare_gpt.cli import cli_main
 from shakespeare_gpt.errors import UserError
 from shakespeare_gpt.tools.ablate import main
-from shakespeare_gpt.tools.report import aggregate, verdicts
 from shakespeare_gpt.tools.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -30,17 +37,24 @@ def test_the_seed_study_file_names_every_variant_config():
     study = Study.load(ABLATIONS / "seed_study.yaml")
     used = {f.resolve() for files in study.variants.values() for f in files}
     assert used == {p.resolve() for p in VARIANT_FILES}
-    assert len(study.seeds) >= 3 and "bigram" in study.variants
+    assert len(study.seeds) >= 3 and "bigram" in study.variants and "tied_embeddings" in study.variants
+    # The original protocol: 10,000 steps, learning rates from 1e-4 to 1e-2 (5 points or more).
+    assert "--trainer.max_steps" not in " ".join(study.args)
+    assert yaml.safe_load(study.base.read_text())["trainer"]["max_steps"] == 10000
+    assert min(study.learning_rates) <= 1e-4 and max(study.learning_rates) >= 1e-2 and len(study.learning_rates) >= 5
+    assert len(study.claims) >= 11 and study.margin and study.extend_grid and study.max_seeds > len(study.seeds)
 
 
-@pytest.fixture
-def smoke_study(corpus_dir, tmp_path):
-    """A 2-variant, 1-lr, 1-seed study of a tiny model on the tiny corpus, a few steps per run."""
+pytest.importorskip("ray")
+
+
+def write_study(tmp_path: Path, corpus_dir: Path, name="smoke", seeds=(0,), steps=4, val=2, **extra) -> Path:
+    """A 2-variant, 1-lr study of a tiny model on the tiny corpus, a few steps per run."""
     base = {
         "trainer": {
             "accelerator": "cpu",
-            "max_steps": 4,
-            "val_check_interval": 2,
+            "max_steps": steps,
+            "val_check_interval": val,
             "logger": {"class_path": "lightning.pytorch.loggers.TensorBoardLogger", "init_args": {"save_dir": "x"}},
         },
         "model": {"block_size": 8, "n_layer": 1, "n_head": 2, "n_embd": 16, "sample_tokens": 0},
@@ -48,31 +62,52 @@ def smoke_study(corpus_dir, tmp_path):
     }
     (tmp_path / "base.yaml").write_text(yaml.safe_dump(base))
     study = {
-        "name": "smoke",
+        "name": name,
         "base": "base.yaml",
         "learning_rates": [1e-3],
-        "seeds": [0],
+        "seeds": list(seeds),
+        "margin": 0.02,
         "variants": {"baseline": [], "post_norm": [str(ABLATIONS / "post_norm.yaml")]},
+        "claims": [
+            {"id": 10, "claim": "Post-norm gives better numbers than pre-norm.", "compare": ["post_norm", "baseline"]},
+            {
+                "id": "mine",
+                "claim": "A claim of my own: they are the same.",
+                "compare": ["post_norm", "baseline"],
+                "expect": "equal",
+            },
+        ],
+        **extra,
     }
     path = tmp_path / "study.yaml"
     path.write_text(yaml.safe_dump(study))
     return path
 
 
-def run(study: Path, tmp_path: Path, capsys) -> str:
-    main([str(study), "--jobs=1", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}"])
+@pytest.fixture
+def smoke_study(corpus_dir, tmp_path):
+    return write_study(tmp_path, corpus_dir)
+
+
+def run(study: Path, tmp_path: Path, capsys, *extra: str) -> str:
+    main([str(study), "--jobs=1", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}", *extra])
     return capsys.readouterr().out
 
 
-def test_smoke_study_writes_the_report(smoke_study, tmp_path, capsys):
+def test_smoke_study_writes_the_report_and_its_csv(smoke_study, tmp_path, capsys):
     out = run(smoke_study, tmp_path, capsys)
-    assert "2 runs, 0 already finished, 2 to go" in out
+    assert "smoke, round 1: 2 runs planned, 0 finished, 2 to go" in out
     report = (tmp_path / "report" / "README.md").read_text()
     for png in ("val_vs_lr.png", "best_val.png", "gap.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000
         assert f"]({png})" in report
-    assert "| 10 | Post-norm gives better numbers than pre-norm. |" in report
-    assert "| 4 | Adding the feed-forward layer improves performance. | **not run** |" in report
+    # The claims come from the study file, one of them the user's own: no code knows them.
+    assert "| 10 | Post-norm gives better numbers than pre-norm. | **inconclusive** |" in report
+    assert "| mine | A claim of my own: they are the same. | **inconclusive** |" in report
+    assert "no interval: a point has 1 seed" in report  # one seed: no verdict, not "supported +- 0"
+    assert "Runs computed by the code at commit(s) `" in report and "Machine(s): " in report
+    rows = (tmp_path / "report" / "results.csv").read_text().splitlines()
+    assert rows[0].startswith("variant,lr,seed,diverged,steps,best_val_loss") and len(rows) == 3
     # Each run logged to TensorBoard with its hyperparameters, under one study folder.
     runs = sorted((tmp_path / "logs" / "smoke").glob("*/*/result.json"))
     assert [p.parent.parent.name for p in runs] == ["baseline", "post_norm"]
@@ -82,17 +117,24 @@ def test_smoke_study_writes_the_report(smoke_study, tmp_path, capsys):
         events = EventAccumulator(str(p.parent)).Reload()
         assert "_hparams_/session_start_info" in events.PluginTagToContent("hparams")  # the HParams tab
         assert "hp/best_val_loss" in events.Tags()["scalars"]
+    # --report-only writes the same report from the CSV alone: the logs can be gone.
+    (tmp_path / "report" / "README.md").unlink()
+    os.rename(tmp_path / "logs", tmp_path / "logs_gone")
+    main([str(smoke_study), "--report-only", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}"])
+    assert (tmp_path / "report" / "README.md").read_text() == report
 
 
-def test_resumed_study_skips_finished_runs(smoke_study, tmp_path, capsys):
+def test_resumed_study_skips_finished_runs_and_redoes_a_cut_off_one(smoke_study, tmp_path, capsys):
     run(smoke_study, tmp_path, capsys)
     results = sorted((tmp_path / "logs" / "smoke").glob("*/*/result.json"))
     stamps = {p: p.stat().st_mtime_ns for p in results}
-    results[0].unlink()  # as if the study had been interrupted during this run
+    results[0].unlink()  # as if the study had been cut off during this run, which left files behind
+    (results[0].parent / "half_written.ckpt").write_text("x")
     out = run(smoke_study, tmp_path, capsys)
-    assert "2 runs, 1 already finished, 1 to go" in out
-    assert results[0].exists()
+    assert "2 runs planned, 1 finished, 1 to go" in out
+    assert results[0].exists() and not (results[0].parent / "half_written.ckpt").exists()  # started over
     assert results[1].stat().st_mtime_ns == stamps[results[1]]  # the finished run was not run again
+    assert "2 runs planned" not in run(smoke_study, tmp_path, capsys)  # all done: nothing runs
 
 
 def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, capsys):
@@ -103,10 +145,10 @@ def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, 
     study["variants"]["post_norm"] = [str(variant)]
     smoke_study.write_text(yaml.safe_dump(study))
     out = run(smoke_study, tmp_path, capsys)
-    assert "2 runs, 1 already finished, 1 to go" in out  # same contents but another file: new command line
+    assert "2 runs planned" not in out  # the same contents in another file: the same runs
     variant.write_text("model:\n  norm: post\n  dropout: 0.1\n")
     out = run(smoke_study, tmp_path, capsys)
-    assert "2 runs, 1 already finished, 1 to go" in out  # the file's contents changed
+    assert "2 runs planned, 1 finished, 1 to go" in out  # the file's contents changed
     assert "post_norm lr=0.001 seed=0" in out
 
 
@@ -118,64 +160,132 @@ def test_study_naming_a_missing_config_is_refused(tmp_path):
         Study.load(tmp_path / "study.yaml")
 
 
-def results(variant: str, lr: float, losses: list[float], gap: float = 0.05) -> list[dict]:
-    return [
-        {
-            "variant": variant,
-            "lr": lr,
-            "seed": s,
-            "best_val_loss": v,
-            "final_val_loss": v,
-            "best_train_loss": v - gap,
-            "final_train_loss": v - gap,
-            "final_gap": gap,
-            "steps": 10,
-            "seconds": 1.0,
-        }
-        for s, v in enumerate(losses)
-    ]
-
-
-def test_verdicts_follow_the_stated_noise_rule():
-    data = (
-        results("baseline", 1e-3, [2.00, 2.01, 2.02])
-        + results("post_norm", 1e-3, [1.90, 1.91, 1.92])  # better by far more than the spread
-        + results("no_ffwd", 1e-3, [2.00, 2.02, 2.04])  # within the spread
-        + results("no_residual", 1e-3, [1.50, 1.51, 1.52])  # clearly better: contradicts observation 8
-    )
-    by_number = {v.number: v for v in verdicts(aggregate(data))}
-    assert by_number[10].verdict == "supported"
-    assert by_number[4].verdict == "inconclusive"
-    assert by_number[8].verdict == "contradicted"
-    assert by_number[1].verdict == "not run"
-
-
-def test_dropout_effect_that_flips_sign_with_lr_contradicts_observation_1():
-    data = []
-    for lr, with_dropout, without in [(1e-3, 2.00, 2.10), (1e-2, 2.10, 2.00)]:
-        data += results("baseline", lr, [with_dropout, with_dropout + 0.001])
-        data += results("no_dropout", lr, [without, without + 0.001])
-    by_number = {v.number: v for v in verdicts(aggregate(data))}
-    assert by_number[1].verdict == "contradicted"
-    same_sign = [r for r in data if not (r["variant"] == "no_dropout" and r["lr"] == 1e-2)]
-    same_sign += results("no_dropout", 1e-2, [2.20, 2.201])
-    assert {v.number: v for v in verdicts(aggregate(same_sign))}[1].verdict == "supported"
-
-
-def test_lr_sensitivity_and_gap_verdicts():
-    data = []
-    for lr, multi, single in [(1e-3, 2.00, 2.30), (1e-2, 2.02, 2.00)]:
-        data += results("baseline", lr, [multi, multi + 0.001, multi + 0.002], gap=0.02)
-        data += results("single_head", lr, [single, single + 0.001, single + 0.002], gap=0.10)
-    by_number = {v.number: v for v in verdicts(aggregate(data))}
-    assert by_number[2].verdict == "supported"  # 4 heads vary 0.02 over the lr grid, 1 head 0.30
-    assert by_number[3].verdict == "supported"  # gap 0.02 vs 0.10
-
-
-def test_report_only_without_finished_runs_is_one_line(smoke_study, tmp_path, capsys):
+def test_report_only_without_a_csv_is_one_line(smoke_study, tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         main([str(smoke_study), "--report-only", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}"])
     assert exc.value.code == 1
     assert capsys.readouterr().err.strip().splitlines() == [
-        f"error: no finished runs of smoke under {tmp_path / 'logs' / 'smoke'}: run the study first"
+        f"error: no results.csv in {tmp_path / 'report'}: run the study first, or give --report of a folder with one"
     ]
+
+
+# --- the runner as a process: a second runner, interrupts, what is left behind ---
+
+
+def descendants(pid: int) -> set[int]:
+    """Every living process below ``pid``, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                stat = Path(f"/proc/{entry}/stat").read_text()
+            except OSError:
+                continue
+            ppid = int(stat.rsplit(")", 1)[1].split()[1])
+            children.setdefault(ppid, []).append(int(entry))
+    found, todo = set(), [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            found.add(child)
+            todo.append(child)
+    return found
+
+
+def alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
+
+
+def start_runner(study: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
+    args = [sys.executable, "-m", "shakespeare_gpt.tools.ablate", str(study), f"--logs={tmp_path / 'logs'}"]
+    args += [f"--report={tmp_path / 'report'}", *extra]
+    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+
+
+def wait_for(condition, seconds: float, what: str) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.2)
+
+
+@pytest.mark.parametrize("how", ["ctrl-c", "sigterm"])
+def test_interrupted_runner_stops_every_worker_refuses_a_second_runner_and_resumes(corpus_dir, tmp_path, how):
+    """Real signals to a real runner, at a random moment of its runs (training or validation)."""
+    study = write_study(tmp_path, corpus_dir, seeds=(0, 1), steps=200, val=20)  # 4 runs, many validations
+    runner = start_runner(study, tmp_path, "--jobs=2")
+    try:
+        folders = tmp_path / "logs" / "smoke"
+        wait_for(lambda: len(list(folders.glob("*/*/events.out.tfevents*"))) >= 2, 180, "two runs to log")
+        # A second runner on the same study folder is refused while the first is alive.
+        second = start_runner(study, tmp_path, "--jobs=1")
+        _, err = second.communicate(timeout=120)
+        assert second.returncode == 1
+        assert err.strip().splitlines() == [
+            f"error: study smoke in {folders} is being run by runner pid {runner.pid} on {socket.gethostname()}: "
+            "wait for it to end, or stop it (Ctrl-C in its terminal, or kill its pid) and run this again to resume"
+        ]
+        time.sleep(random.uniform(0, 3))
+        workers = descendants(runner.pid)
+        assert len(workers) >= 3  # Ray's own processes and the workers running the fits
+        if how == "ctrl-c":  # the terminal sends SIGINT to the whole foreground process group
+            os.killpg(runner.pid, signal.SIGINT)
+        else:
+            runner.send_signal(signal.SIGTERM)
+        _, err = runner.communicate(timeout=120)
+    finally:
+        if runner.poll() is None:
+            os.killpg(runner.pid, signal.SIGKILL)
+    assert runner.returncode == (130 if how == "ctrl-c" else 143)
+    assert "the study stopped; every run it started was stopped" in err
+    wait_for(lambda: not any(alive(p) for p in workers), 30, "the runner's processes to end")
+    # Run again: finished runs are kept, the cut-off ones are run from their start.
+    finished_before = {p: p.stat().st_mtime_ns for p in folders.glob("*/*/result.json")}
+    again = start_runner(study, tmp_path, "--jobs=2")
+    out, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err
+    assert f"4 runs planned, {len(finished_before)} finished, {4 - len(finished_before)} to go" in out
+    assert all(p.stat().st_mtime_ns == t for p, t in finished_before.items())
+    assert len(list(folders.glob("*/*/result.json"))) == 4
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def ray_cluster(tmp_path):
+    """A Ray cluster started with `ray start --head`, as on a cluster's head node; stopped afterwards."""
+    ray_cli = Path(sys.executable).with_name("ray")
+    port = free_port()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    args = [str(ray_cli), "start", "--head", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
+    subprocess.run(args, check=True, capture_output=True, env=env, timeout=180)
+    try:
+        yield f"127.0.0.1:{port}"
+    finally:
+        subprocess.run([str(ray_cli), "stop", "--force"], capture_output=True, env=env, timeout=120)
+
+
+def test_study_runs_on_an_existing_ray_cluster(corpus_dir, tmp_path, ray_cluster, capsys):
+    study = write_study(tmp_path, corpus_dir, seeds=(0, 1))
+    out = run(study, tmp_path, capsys, f"--address={ray_cluster}")
+    assert "4 runs planned, 0 finished, 4 to go" in out
+    assert len(list((tmp_path / "logs" / "smoke").glob("*/*/result.json"))) == 4
+    # The cluster outlives the study: the runner only disconnected from it.
+    ray_cli = Path(sys.executable).with_name("ray")
+    status = subprocess.run([str(ray_cli), "status", f"--address={ray_cluster}"], capture_output=True, timeout=120)
+    assert status.returncode == 0
+
+
+def test_jobs_with_a_cluster_address_is_one_line(smoke_study, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        run(smoke_study, tmp_path, capsys, "--address=127.0.0.1:1")
+    assert capsys.readouterr().err.strip() == (
+        "error: --jobs is for this machine; with --address the cluster's size decides: drop --jobs"
+    )

@@ -219,11 +219,11 @@ def test_csv_round_trip_keeps_every_number(tmp_path):
 @pytest.mark.parametrize(
     ("claim", "expected"),
     [
-        ({"compare": ["a", "bb"]}, "compare names bb, which is not a variant of the study (did you mean b?); the variants are a, b"),
+        ({"compare": ["a", "bb"]}, "compare names bb, which is not a variant of the study (did you mean b?)"),
         ({"compare": ["a"]}, "compare [a]: give two variants"),
-        ({"compare": ["a", "b"], "expect": "smaller"}, "expect smaller: give one of lower, higher, equal, not_lower, not_higher"),
+        ({"compare": ["a", "b"], "expect": "smaller"}, "expect smaller: give one of lower, higher, equal, not_lower"),
         ({"compare": ["a", "b"], "metric": "loss"}, "metric loss: give one of val, gap, lr_spread"),
-        ({"compare": ["a", "b"], "direction": "lower"}, "unknown field direction; a claim has id, claim, compare, metric, at, expect, all"),
+        ({"compare": ["a", "b"], "direction": "lower"}, "unknown field direction; a claim has id, claim, compare"),
     ],
 )
 def test_a_bad_claim_is_one_line(tmp_path, claim, expected):

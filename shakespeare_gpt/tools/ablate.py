@@ -156,10 +156,6 @@ def run_in_worker(study: Study, run: Run, study_dir: Path, commit: str, threads:
         raise RuntimeError(f"the CLI refused the run (exit status {e.code})") from None
 
 
-class Stopped(Exception):
-    """SIGTERM reached the runner."""
-
-
 @contextmanager
 def study_lock(study: Study, study_dir: Path):
     """Held while a runner works on ``study_dir``: a second runner on the same folder is refused.
@@ -208,6 +204,7 @@ class RayEngine:
         self.jobs, self.address = jobs, address
         self.cpus, self.gpus = cpus_per_run, gpus_per_run
         self.pending: dict = {}
+        self.terminated = False  # SIGTERM (not Ctrl-C) stopped the study
 
     def __enter__(self) -> RayEngine:
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
@@ -225,9 +222,10 @@ class RayEngine:
         self.task = self.ray.remote(**options)(run_in_worker)
         return self
 
-    @staticmethod
-    def _on_sigterm(signum, frame) -> None:
-        raise Stopped
+    def _on_sigterm(self, signum, frame) -> None:
+        # As KeyboardInterrupt, the one exception Ray's waits give back unchanged; the flag tells them apart.
+        self.terminated = True
+        raise KeyboardInterrupt
 
     def submit(self, study: Study, runs: list[Run], study_dir: Path, commit: str) -> None:
         threads = self.cpus if self.address else max(1, (os.cpu_count() or 1) // self.jobs)
@@ -398,15 +396,15 @@ def main(argv: list[str] | None = None) -> None:
                 try:
                     with engine:
                         results = run_study(study, study_dir, engine)
-                except (KeyboardInterrupt, Stopped) as e:
-                    name = "SIGTERM" if isinstance(e, Stopped) else "Ctrl-C"
+                except KeyboardInterrupt:
+                    name = "SIGTERM" if engine.terminated else "Ctrl-C"
                     print(
                         f"{name}: the study stopped; every run it started was stopped. Run the same command to "
                         "resume (finished runs are kept).",
                         file=sys.stderr,
                         flush=True,
                     )
-                    raise SystemExit(143 if isinstance(e, Stopped) else 130) from None
+                    raise SystemExit(143 if engine.terminated else 130) from None
             write_csv(results, report_dir / "results.csv")
         out = write_report(study, results, report_dir, study_file=opts.study)
     except UserError as e:

@@ -8,6 +8,7 @@ fields, with the seed's study as the example, are described in docs/guide.md.
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import re
 from dataclasses import dataclass, field
@@ -137,14 +138,14 @@ class Study:
         ]
 
     def settings(self, run: Run) -> str:
-        """Fingerprint of what a run computes: the contents of its config files, the study's args, lr and seed.
+        """Fingerprint of what a run computes: the settings in its config files, the study's args, lr and seed.
 
-        Paths are left out, so a study folder and its checkout can move without invalidating its runs.
+        Paths and comments are left out: a study folder and its checkout can move, and a config's
+        comments change, without invalidating its runs.
         """
-        digest = hashlib.sha256("\0".join([*self.args, f"lr={run.lr!r}", f"seed={run.seed}"]).encode())
-        for config in [self.base, *self.variants[run.variant]]:
-            digest.update(b"\0" + config.read_bytes())
-        return digest.hexdigest()
+        configs = [yaml.safe_load(c.read_text(encoding="utf-8")) for c in [self.base, *self.variants[run.variant]]]
+        text = json.dumps([configs, self.args, run.lr, run.seed], sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()
 
 
 @dataclass(frozen=True)
