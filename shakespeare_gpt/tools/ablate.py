@@ -243,6 +243,11 @@ class RayEngine:
             except ray.exceptions.RayTaskError as e:
                 yield run, e.cause if isinstance(e.cause, BaseException) else e
             except ray.exceptions.RayError as e:  # a worker that died, a node that left
+                if self.address is None:  # this machine's own Ray instance stopped: nothing more can run
+                    raise UserError(
+                        f"the Ray instance running the study stopped ({type(e).__name__}): "
+                        "run the same command to resume"
+                    ) from None
                 yield run, e
 
     def __exit__(self, *exc) -> None:
