@@ -20,7 +20,8 @@ from shakespeare_gpt.tools.study import Study
 
 ROOT = Path(__file__).resolve().parents[1]
 ABLATIONS = ROOT / "configs" / "ablations"
-VARIANT_FILES = sorted(p for p in ABLATIONS.glob("*.yaml") if p.name not in ("seed_scale.yaml", "seed_study.yaml"))
+STUDY_FILES = ("seed_scale.yaml", "seed_study.yaml", "full_scale_study.yaml")
+VARIANT_FILES = sorted(p for p in ABLATIONS.glob("*.yaml") if p.name not in STUDY_FILES)
 
 
 @pytest.mark.parametrize("variant", VARIANT_FILES, ids=lambda p: p.stem)
@@ -43,6 +44,22 @@ def test_the_seed_study_file_names_every_variant_config():
     assert yaml.safe_load(study.base.read_text())["trainer"]["max_steps"] == 10000
     assert min(study.learning_rates) <= 1e-4 and max(study.learning_rates) >= 1e-2 and len(study.learning_rates) >= 5
     assert len(study.claims) >= 11 and study.margin and study.extend_grid and study.max_seeds > len(study.seeds)
+
+
+def test_the_full_scale_study_runs_the_lecture_model_on_a_gpu():
+    """It cannot run here (no GPU); each of its runs is built by the CLI once moved to the CPU."""
+    from shakespeare_gpt.tools.checks import cli_refusal
+    from shakespeare_gpt.tools.study import Run
+
+    study = Study.load(ABLATIONS / "full_scale_study.yaml")
+    assert set(study.variants) == {"baseline", "post_norm", "tied_embeddings"} and len(study.seeds) >= 3
+    assert {c.id for c in study.claims} == {"10", "11"}
+    cpu = ["--trainer.accelerator=cpu", "--trainer.precision=32-true", "--model.compile=false"]
+    cpu += ["--data.on_device=false"]
+    for variant in study.variants:
+        args = study.run_args(Run(variant, study.learning_rates[0], 0), Path("unused"))
+        assert "asks for a CUDA GPU" in cli_refusal(args)
+        assert cli_refusal(args + cpu) is None
 
 
 pytest.importorskip("ray")
@@ -92,8 +109,8 @@ def smoke_study(corpus_dir, tmp_path):
     return write_study(tmp_path, corpus_dir)
 
 
-def run(study: Path, tmp_path: Path, capsys, *extra: str) -> str:
-    main([str(study), "--jobs=1", f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}", *extra])
+def run(study: Path, tmp_path: Path, capsys, *extra: str, jobs: str = "--jobs=1") -> str:
+    main([str(study), jobs, f"--logs={tmp_path / 'logs'}", f"--report={tmp_path / 'report'}", *extra])
     return capsys.readouterr().out
 
 
@@ -155,9 +172,36 @@ def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, 
     assert "post_norm lr=0.001 seed=0" in out
 
 
+def test_a_run_that_diverges_before_its_first_validation_is_recorded_as_diverged(corpus_dir, tmp_path, monkeypatch):
+    """Its loss turns NaN at step 2 of 6, before the one validation: a result, not a failed study."""
+    import math
+
+    import torch
+
+    from shakespeare_gpt.lightning_module import ShakespeareGPT
+    from shakespeare_gpt.tools.ablate import execute
+    from shakespeare_gpt.tools.study import Run
+
+    study = Study.load(write_study(tmp_path, corpus_dir, steps=6, val=6))
+    loss = ShakespeareGPT.loss
+
+    def breaking(self, batch):
+        value = loss(self, batch)
+        return value * torch.nan if self.trainer.global_step >= 2 else value
+
+    monkeypatch.setattr(ShakespeareGPT, "loss", breaking)
+    monkeypatch.chdir(tmp_path)
+    result = execute(study, Run("baseline", 1e-3, 0), tmp_path / "logs", "abc")
+    vocab = len(set((corpus_dir / "input.txt").read_text()))
+    assert result["diverged"] and result["best_val_loss"] == pytest.approx(math.log(vocab))  # uniform
+    assert (tmp_path / "logs" / "baseline" / "lr0.001_seed0" / "result.json").exists()
+
+
 def test_study_naming_a_missing_config_is_refused(tmp_path):
     (tmp_path / "study.yaml").write_text(
-        yaml.safe_dump({"name": "s", "base": "nope.yaml", "variants": {}, "learning_rates": [1e-3], "seeds": [0]})
+        yaml.safe_dump(
+            {"name": "s", "base": "nope.yaml", "variants": {"a": []}, "learning_rates": [1e-3], "seeds": [0]}
+        )
     )
     with pytest.raises(UserError, match=r"base nope.yaml: .*nope.yaml does not exist"):
         Study.load(tmp_path / "study.yaml")
@@ -202,10 +246,11 @@ def alive(pid: int) -> bool:
     return state != "Z"
 
 
-def start_runner(study: Path, tmp_path: Path, *extra: str) -> subprocess.Popen:
+def start_runner(study: Path, tmp_path: Path, *extra: str, env: dict | None = None) -> subprocess.Popen:
     args = [sys.executable, "-m", "shakespeare_gpt.tools.ablate", str(study), f"--logs={tmp_path / 'logs'}"]
     args += [f"--report={tmp_path / 'report'}", *extra]
-    return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pipes = {"stdout": subprocess.PIPE, "stderr": subprocess.PIPE, "text": True}
+    return subprocess.Popen(args, **pipes, start_new_session=True, env=env)
 
 
 def wait_for(condition, seconds: float, what: str) -> None:
@@ -265,35 +310,41 @@ def free_port() -> int:
 
 
 @pytest.fixture
-def ray_cluster(tmp_path):
-    """A Ray cluster started with `ray start --head`, as on a cluster's head node.
+def ray_cluster():
+    """A Ray cluster started with `ray start --head`, as on a cluster's head node: (address, environment).
 
     Started with --block in a session of its own and stopped by signalling that session: `ray stop`
     would stop every Ray instance of the machine, a study running beside the tests included.
+    Token authentication on, as a shared cluster would have it: its clients need the same token.
     """
     ray_cli = Path(sys.executable).with_name("ray")
     port = free_port()
-    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0"}
+    token = os.urandom(16).hex()
+    env = {**os.environ, "RAY_USAGE_STATS_ENABLED": "0", "RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": token}
     args = [str(ray_cli), "start", "--head", "--block", f"--port={port}", "--num-cpus=2", "--include-dashboard=false"]
     head = subprocess.Popen(args, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
     address = f"127.0.0.1:{port}"
     status = [str(ray_cli), "status", f"--address={address}"]
     try:
-        wait_for(lambda: subprocess.run(status, capture_output=True, timeout=60).returncode == 0, 180, "ray start")
-        yield address
+        up = lambda: subprocess.run(status, capture_output=True, env=env, timeout=60).returncode == 0  # noqa: E731
+        wait_for(up, 180, "ray start")
+        yield address, env
     finally:
         os.killpg(head.pid, signal.SIGTERM)
         head.wait(timeout=60)
 
 
-def test_study_runs_on_an_existing_ray_cluster(corpus_dir, tmp_path, ray_cluster, capsys):
+def test_study_runs_on_an_existing_ray_cluster(corpus_dir, tmp_path, ray_cluster):
+    address, env = ray_cluster
     study = write_study(tmp_path, corpus_dir, seeds=(0, 1))
-    out = run(study, tmp_path, capsys, f"--address={ray_cluster}")
+    runner = start_runner(study, tmp_path, f"--address={address}", env=env)
+    out, err = runner.communicate(timeout=600)
+    assert runner.returncode == 0, err
     assert "4 runs planned, 0 finished, 4 to go" in out
     assert len(list((tmp_path / "logs" / "smoke").glob("*/*/result.json"))) == 4
     # The cluster outlives the study: the runner only disconnected from it.
     ray_cli = Path(sys.executable).with_name("ray")
-    status = subprocess.run([str(ray_cli), "status", f"--address={ray_cluster}"], capture_output=True, timeout=120)
+    status = subprocess.run([str(ray_cli), "status", f"--address={address}"], capture_output=True, env=env, timeout=120)
     assert status.returncode == 0
 
 

@@ -60,12 +60,13 @@ def free_port() -> int:
 
 
 def small_study(folder: Path) -> None:
-    """configs/ablations/seed_study.yaml cut to two variants, one learning rate, one seed, four steps."""
+    """configs/ablations/seed_study.yaml cut to two variants, one learning rate, one seed, four steps, one round."""
     path = folder / "configs" / "ablations" / "seed_study.yaml"
     study = yaml.safe_load(path.read_text())
     study["variants"] = {"baseline": [], "no_ffwd": ["no_ffwd.yaml"]}
     study["learning_rates"], study["seeds"] = [1.0e-3], [0]
     study["args"] = ["--trainer.max_steps=4", "--trainer.val_check_interval=2"]
+    study["extend_grid"], study["max_seeds"], study["also"] = 0, 1, []  # one round
     path.write_text(yaml.safe_dump(study))
 
 
@@ -157,8 +158,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
             assert "| CPU recipe | ShakespeareGPT |" in report and "| tiny GPT-2 | PretrainedLM |" in report
         elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.ablate"]:
             run([sys.executable, *words[1:]], folder)
-            report = folder / "reports" / "seed_study" / "README.md"
-            assert "no_ffwd" in report.read_text()
+            report = (folder / "reports" / "seed_study_2" / "README.md").read_text()
+            assert "| 4 | Adding the feed-forward layer improves performance. | **inconclusive** |" in report
+            assert (folder / "reports" / "seed_study_2" / "results.csv").read_text().count("\n") == 3
         else:
             pytest.fail(f"the README's command {line!r} is not run by this test: add it here")
         handled.append(line)

@@ -221,6 +221,8 @@ def test_csv_round_trip_keeps_every_number(tmp_path):
     [
         ({"compare": ["a", "bb"]}, "compare names bb, which is not a variant of the study (did you mean b?)"),
         ({"compare": ["a"]}, "compare [a]: give two variants"),
+        ({"compare": [["a"], "b"]}, "give two variants, e.g. compare: [baseline, no_ffwd]"),
+        ({"compare": ["a", "a"]}, "compare [a, a] compares a variant with itself"),
         ({"compare": ["a", "b"], "expect": "smaller"}, "expect smaller: give one of lower, higher, equal, not_lower"),
         ({"compare": ["a", "b"], "metric": "loss"}, "metric loss: give one of val, gap, lr_spread"),
         ({"compare": ["a", "b"], "direction": "lower"}, "unknown field direction; a claim has id, claim, compare"),
@@ -230,6 +232,11 @@ def test_a_bad_claim_is_one_line(tmp_path, claim, expected):
     with pytest.raises(UserError, match="claim 1") as e:
         study(tmp_path, [{"id": 1, "claim": "c", **claim}])
     assert expected in str(e.value)
+
+
+def test_extend_grid_with_one_learning_rate_is_one_line(tmp_path):
+    with pytest.raises(UserError, match="extend_grid 1 needs two learning rates or more"):
+        study(tmp_path, [], lrs=[1e-3], extend_grid=1)
 
 
 def test_a_claim_of_no_effect_needs_a_margin(tmp_path):
@@ -245,3 +252,87 @@ def test_a_claim_of_no_effect_needs_a_margin(tmp_path):
     (tmp_path / "study.yaml").write_text(yaml.safe_dump(raw))
     with pytest.raises(UserError, match="needs an equivalence margin: add e.g. margin: 0.02"):
         Study.load(tmp_path / "study.yaml")
+
+
+@pytest.mark.parametrize(
+    ("expect", "shift", "answer"),
+    [("not_higher", 0.0, "supported"), ("not_lower", -0.025, "inconclusive"), ("not_higher", 0.025, "inconclusive")],
+)
+def test_one_sided_claims_of_no_effect(tmp_path, expect, shift, answer):
+    a = {lr: [x + shift for x in v] for lr, v in FLAT.items()}
+    assert verdict(tmp_path, {"compare": ["a", "b"], "expect": expect}, grid(a, FLAT)) == answer
+
+
+def test_seeds_that_agree_exactly_give_no_interval(tmp_path):
+    same = {lr: [2.0, 2.0, 2.0] for lr in FLAT}
+    lower = {lr: [1.9, 1.9, 1.9] for lr in FLAT}
+    assert verdict(tmp_path, {"compare": ["a", "b"]}, grid(lower, same)) == "inconclusive"
+
+
+def test_a_comparison_with_no_shared_rate_is_not_testable(tmp_path):
+    spec = {("a", 1e-3): [2.0, 2.1], ("b", 1e-2): [2.0, 2.1]}
+    assert verdict(tmp_path, {"compare": ["a", "b"], "at": "every_lr"}, spec) == "not testable"
+
+
+def test_plan_extends_at_the_low_end_too(tmp_path):
+    s = study(tmp_path, [], extend_grid=1)
+    rising = {1e-3: [2.0] * 3, 3e-3: [2.1] * 3, 1e-2: [2.2] * 3}  # best at the bottom end
+    runs, notes = plan(s, results(grid(rising, MIDDLE)))
+    assert {r.lr for r in runs if r.variant == "a"} == {0.00033, 1e-3, 3e-3, 1e-2}
+    assert notes == ["a is best at lr 0.001, an end of its grid: lr 0.00033 added"]
+
+
+def test_planning_to_the_end_never_drops_a_finished_run(tmp_path):
+    """The runner's loop on a synthetic study: extra seeds that settle a verdict stay in it."""
+    claims = [{"id": 1, "claim": "c", "compare": ["a", "b"]}]
+    s = study(tmp_path, claims, extend_grid=2, max_seeds=8)
+
+    def loss(r: Run) -> float:  # a slightly better than b at its best lr, noisy seeds; best inside the grids
+        noise = [0.0, 0.012, -0.012, 0.006, -0.006, 0.003, -0.003, 0.0][r.seed]
+        return 2.0 + abs(math.log10(r.lr / 3e-3)) * 0.1 + noise - (0.008 if r.variant == "a" else 0)
+
+    done: dict[Run, dict] = {}
+    for _ in range(10):
+        wanted, _ = plan(s, list(done.values()))
+        todo = [r for r in wanted if r not in done]
+        if not todo:
+            break
+        for r in todo:
+            (row,) = results({(r.variant, r.lr): [loss(r)]})
+            done[r] = {**row, "seed": r.seed}
+    final, _ = plan(s, list(done.values()))
+    assert set(done) <= set(final)  # nothing finished is dropped
+    assert max(r.seed for r in done) >= 3  # the straddling interval did get more seeds
+    assert set(final) == set(done)  # and the plan came to rest
+
+
+def test_the_report_shows_each_verdict_with_its_numbers(tmp_path):
+    from shakespeare_gpt.tools.report import write_report
+
+    claims = [{"id": 4, "claim": "a beats b.", "compare": ["a", "b"]}]
+    s = study(tmp_path, claims)
+    better = {lr: [x - 0.1 for x in v] for lr, v in FLAT.items()}
+    path = write_report(s, results(grid(better, FLAT)), tmp_path / "report", str(tmp_path / "study.yaml"), "abc123")
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    assert row.startswith(
+        "| 4 | a beats b. | **supported** | a vs b, val lower, at best lrs (0.001, 0.001): d = -0.1000 ["
+    )
+    assert "a 1.9000+-0.0050 at lr 0.001 (n=3) - b 2.0000+-0.0050 at lr 0.001 (n=3)" in row
+    assert "this report written at `abc123`" in text and "Study file sha256 `" in text
+
+
+def test_report_only_refuses_a_csv_computed_with_other_settings(tmp_path):
+    s = study(tmp_path, [])
+    rows = results(grid(FLAT, FLAT))
+    for r in rows:
+        r["settings"] = s.settings(Run(r["variant"], r["lr"], r["seed"]))
+    write_csv(rows, tmp_path / "results.csv")
+    assert len(read_csv(tmp_path / "results.csv", s)) == len(rows)
+    (tmp_path / "base.yaml").write_text("model:\n  n_layer: 2\n")  # the base config changed since
+    with pytest.raises(UserError, match=r"line 2: a at lr 0.001, seed 0 was computed with other settings"):
+        read_csv(tmp_path / "results.csv", s)
+    write_csv(rows + rows[:1], tmp_path / "results.csv")
+    (tmp_path / "base.yaml").write_text("model:\n  n_layer: 1\n")
+    with pytest.raises(UserError, match=r"line \d+: the run \('a', 0.001, 0\) is also on line 2: each run once"):
+        read_csv(tmp_path / "results.csv", s)

@@ -21,6 +21,7 @@ from __future__ import annotations
 import fcntl
 import json
 import logging
+import math
 import os
 import shutil
 import signal
@@ -82,6 +83,7 @@ def execute(study: Study, run: Run, study_dir: Path, commit: str) -> dict:
     if folder.exists():
         shutil.rmtree(folder)  # a run cut off earlier: start it over
     start = time.perf_counter()
+    settings = study.settings(run)  # before the configs are read: what this run computes
     cli = build(study.run_args(run, study_dir))
     history = MetricHistory()
     cli.trainer.callbacks.append(history)
@@ -91,7 +93,10 @@ def execute(study: Study, run: Run, study_dir: Path, commit: str) -> dict:
     except NonFiniteLossError:  # the run is reported from its validations before the loss broke
         diverged = True
     if not history.val:
-        raise RuntimeError(f"run {folder} stopped before its first validation")
+        if not diverged:
+            raise RuntimeError(f"run {folder} stopped before its first validation")
+        # It diverged before its first validation: scored as an untrained model (uniform over the vocabulary).
+        history.val = history.train = [math.log(len(cli.datamodule.tokenizer))]
     result = {
         "variant": run.variant,
         "lr": run.lr,
@@ -107,7 +112,7 @@ def execute(study: Study, run: Run, study_dir: Path, commit: str) -> dict:
         "seconds": time.perf_counter() - start,
         "commit": commit,
         "machine": machine(),
-        "settings": study.settings(run),
+        "settings": settings,
     }
     if not diverged:
         switches = {k: v for k, v in cli.model.hparams.items() if k not in ("vocab", "learning_rate")}
@@ -209,8 +214,8 @@ class RayEngine:
     def __enter__(self) -> RayEngine:
         quiet = {"include_dashboard": False, "log_to_driver": False, "logging_level": logging.WARNING}
         try:
-            if self.address is None:  # a private instance of this machine: jobs runs at a time
-                self.ray.init(num_cpus=self.jobs * self.cpus, **quiet)
+            if self.address is None:  # a new instance of this machine's own, even beside a `ray start` one
+                self.ray.init(address="local", num_cpus=self.jobs * self.cpus, **quiet)
             else:
                 self.ray.init(address=self.address, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as e:
@@ -251,11 +256,17 @@ class RayEngine:
                 yield run, e
 
     def __exit__(self, *exc) -> None:
-        for ref in self.pending:
-            self.ray.cancel(ref, force=True)
-        self.pending.clear()
-        self.ray.shutdown()
-        signal.signal(signal.SIGTERM, self.previous)
+        # A second Ctrl-C or SIGTERM must not cut the clean-up short: they wait until it is done.
+        interrupt = signal.signal(signal.SIGINT, signal.SIG_IGN)
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        try:
+            for ref in self.pending:
+                self.ray.cancel(ref, force=True)
+            self.pending.clear()
+            self.ray.shutdown()
+        finally:
+            signal.signal(signal.SIGINT, interrupt)
+            signal.signal(signal.SIGTERM, self.previous)
 
 
 def git_commit() -> str:
@@ -321,7 +332,7 @@ def run_study(study: Study, study_dir: Path, engine: RayEngine) -> list[dict]:
             raise UserError(f"{len(failures)} run(s) failed; run the same command again to retry only those")
     minutes = (time.perf_counter() - start) / 60
     print(f"{study.name}: all {len(done)} runs finished; this command ran for {minutes:.1f} min", flush=True)
-    return [done[r] for r in sorted(planned, key=lambda r: (r.variant, r.lr, r.seed))]
+    return list(done.values())  # plan() keeps every finished run, so this is every run of the study
 
 
 def check_variants(study: Study, study_path: str, study_dir: Path) -> None:
@@ -362,11 +373,12 @@ def parser() -> ToolParser:
     parser.add_argument("study", help="study YAML, e.g. configs/ablations/seed_study.yaml")
     jobs = whole("--jobs", 1, "the number of runs in parallel", example=2)
     parser.add_argument(
-        "--jobs", type=jobs, default=2, help="runs at a time on this machine, each with cores/jobs threads"
+        "--jobs", type=jobs, help="runs at a time on this machine, each with cores/jobs threads (default: 2)"
     )
     parser.add_argument(
         "--address",
-        help="an existing Ray cluster to run on (e.g. auto, or HOST:6379); its size decides how many runs go at once",
+        help="an existing Ray cluster to run on, e.g. auto or HOST:6379; its size decides how many runs go at once "
+        "(default: a Ray instance of this machine's own, started and stopped by this command)",
     )
     cpus = whole("--cpus-per-run", 1, "the CPUs each run asks of the cluster", example=4)
     parser.add_argument("--cpus-per-run", type=cpus, default=1, help="with --address: CPUs (threads) each run takes")
@@ -393,11 +405,11 @@ def main(argv: list[str] | None = None) -> None:
         if opts.report_only:
             results = read_csv(report_dir / "results.csv", study)
         else:
-            if opts.address and "--jobs" in " ".join(argv or []):
+            if opts.address and opts.jobs:
                 raise UserError("--jobs is for this machine; with --address the cluster's size decides: drop --jobs")
             check_variants(study, opts.study, study_dir)
             with study_lock(study, study_dir):
-                engine = RayEngine(opts.jobs, opts.address, opts.cpus_per_run, opts.gpus_per_run)
+                engine = RayEngine(opts.jobs or 2, opts.address, opts.cpus_per_run, opts.gpus_per_run)
                 try:
                     with engine:
                         results = run_study(study, study_dir, engine)
@@ -411,7 +423,7 @@ def main(argv: list[str] | None = None) -> None:
                     )
                     raise SystemExit(143 if engine.terminated else 130) from None
             write_csv(results, report_dir / "results.csv")
-        out = write_report(study, results, report_dir, study_file=opts.study)
+        out = write_report(study, results, report_dir, study_file=opts.study, commit=git_commit())
     except UserError as e:
         fail(e)
     print(f"report: {out}")

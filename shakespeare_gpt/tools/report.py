@@ -7,6 +7,7 @@ into), so ``ablate --report-only`` re-derives every verdict from a committed CSV
 from __future__ import annotations
 
 import csv
+import hashlib
 import math
 import statistics
 from collections import defaultdict
@@ -28,8 +29,15 @@ RULE = (
     "otherwise; not_lower (not_higher) is supported when the interval lies above -margin (below +margin) "
     "and contradicted when it lies wholly below -margin (above +margin). A claim tested at every learning "
     "rate, or made of several comparisons, is supported when every test is, contradicted when any test is, "
-    "inconclusive otherwise. A variant's best learning rate is the one with the lowest mean best val loss; "
-    "the intervals do not allow for that choice having been made on the same runs."
+    "inconclusive otherwise. A point with one seed, or with no spread between its seeds, gives no interval "
+    "and so no verdict; a comparison with no learning rate both variants ran is not testable. "
+    "A variant's best learning rate is the one with the lowest mean best val loss (and its worst, in "
+    "lr_spread, the highest); across_lr compares each rate with the grid's middle rate. What the intervals "
+    "do not allow for: the best and worst rates are chosen on the same runs; a claim tested at several "
+    "rates or by several comparisons is contradicted by any one of them, with no correction for "
+    "multiplicity; points whose intervals straddled got more seeds and were looked at again (two looks); "
+    "an equivalence supported by a 95% interval is a two one-sided test at 2.5% each side, stricter than "
+    "the common 90% interval."
 )
 COLUMNS = (
     "variant",
@@ -132,7 +140,7 @@ class Estimate:
 
     def __str__(self) -> str:
         if math.isnan(self.lo):
-            return f"{self.d:+.4f} (no interval: a point has 1 seed)"
+            return f"{self.d:+.4f} (no interval: a point has 1 seed, or seeds that agree exactly)"
         return f"{self.d:+.4f} [{self.lo:+.4f}, {self.hi:+.4f}]"
 
 
@@ -151,8 +159,8 @@ def contrast(terms: list[tuple[float, list[float]]]) -> Estimate:
         return Estimate(d, math.nan, math.nan, math.nan)
     parts = [c * c * statistics.variance(xs) / len(xs) for c, xs in terms]
     var = sum(parts)
-    if var == 0:
-        return Estimate(d, d, d, math.inf)
+    if var == 0:  # seeds that agree exactly say nothing about the noise
+        return Estimate(d, math.nan, math.nan, math.nan)
     df = var * var / sum(v * v / (len(xs) - 1) for v, (_, xs) in zip(parts, terms, strict=True))
     half = t_quantile(0.5 + LEVEL / 2, df) * math.sqrt(var)
     return Estimate(d, d - half, d + half, df)
@@ -176,9 +184,11 @@ def judge(expect: str, est: Estimate, margin: float | None) -> str:
 
 
 def combine(verdicts: list[str]) -> str:
+    if not verdicts or "not testable" in verdicts:
+        return "not testable"
     if "contradicted" in verdicts:
         return "contradicted"
-    return "supported" if verdicts and all(v == "supported" for v in verdicts) else "inconclusive"
+    return "supported" if all(v == "supported" for v in verdicts) else "inconclusive"
 
 
 @dataclass
@@ -194,7 +204,7 @@ class Test:
 @dataclass
 class Verdict:
     claim: Claim
-    verdict: str  # supported / contradicted / inconclusive / not run
+    verdict: str  # supported / contradicted / inconclusive / not testable / not run
     tests: list[Test] = field(default_factory=list)
     note: str = ""
 
@@ -230,10 +240,10 @@ def compare(table: Table, part: Comparison, margin: float | None) -> list[Test]:
     elif part.at == "every_lr":
         for lr in shared:
             test(f"lr {lr:g}", [(1, part.a, lr), (-1, part.b, lr)])
-    else:  # across_lr: the effect at each rate against the effect at a's best rate
-        if not shared:
+    else:  # across_lr: the effect at each rate against the effect at the grid's middle rate (fixed, not chosen)
+        if len(shared) < 2:
             return []
-        ref = best_lr(a, shared)
+        ref = shared[(len(shared) - 1) // 2]
         for lr in shared:
             if lr != ref:
                 terms = [(1, part.a, lr), (-1, part.b, lr), (-1, part.a, ref), (1, part.b, ref)]
@@ -261,8 +271,14 @@ def evaluate(study: Study, table: Table) -> list[Verdict]:
 
 
 def _beyond(edge: float, inner: float) -> float:
-    """The next learning rate past ``edge``, at the grid's ratio there, to 2 significant digits."""
-    return float(f"{edge * edge / inner:.2g}")
+    """The next learning rate past ``edge``, at the grid's ratio there, to 2 significant digits
+    (more where 2 would not take it past the edge)."""
+    exact = edge * edge / inner
+    for digits in range(2, 17):
+        rounded = float(f"{exact:.{digits}g}")
+        if (rounded - edge) * (exact - edge) > 0 and rounded != edge:
+            return rounded
+    return exact
 
 
 def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
@@ -299,12 +315,15 @@ def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
         grids[v] = grid
     runs = {Run(v, lr, s) for v, grid in grids.items() for lr in grid for s in study.seeds}
     done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
+    # A finished run stays in the study even when the plan no longer asks for it (extra seeds that
+    # settled a verdict, a grid point past an optimum that more seeds moved): dropping it would change
+    # the verdicts it was run for.
+    runs |= {Run(v, lr, seed) for v, lr, seed in done if v in study.variants}
     if study.max_seeds > len(study.seeds) and all((r.variant, r.lr, r.seed) in done for r in runs):
         more = list(study.seeds)
         while len(more) < study.max_seeds:
             more.append(max(more) + 1)
-        grid_table = {v: {lr: table[v][lr] for lr in grids[v]} for v in grids if v in table}
-        for verdict in evaluate(study, grid_table):
+        for verdict in evaluate(study, table):
             for t in verdict.tests:
                 if t.verdict == "inconclusive":
                     runs |= {Run(v, lr, s) for v, lr in t.points for s in more}
@@ -332,7 +351,7 @@ def read_csv(path: Path, study: Study) -> list[dict]:
     if not path.is_file():
         raise UserError(f"no {path.name} in {path.parent}: run the study first, or give --report of a folder with one")
     floats = ("lr", "best_val_loss", "final_val_loss", "best_train_loss", "final_train_loss", "final_gap")
-    results = []
+    results, seen = [], {}
     with open(path, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), 2):
             try:
@@ -345,6 +364,16 @@ def read_csv(path: Path, study: Study) -> list[dict]:
                 raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
             if r["variant"] not in study.variants:
                 raise UserError(f"{path}, line {line}: variant {r['variant']} is not in study {study.name}")
+            key = (r["variant"], r["lr"], r["seed"])
+            if key in seen:
+                raise UserError(f"{path}, line {line}: the run {key} is also on line {seen[key]}: each run once")
+            seen[key] = line
+            run = Run(r["variant"], r["lr"], r["seed"])
+            if r.get("settings") and r["settings"] != study.settings(run):
+                raise UserError(
+                    f"{path}, line {line}: {r['variant']} at lr {r['lr']:g}, seed {r['seed']} was computed with "
+                    f"other settings than {study.name}'s configs now give: run the study again, or restore them"
+                )
             results.append(r)
     if not results:
         raise UserError(f"{path} has no runs: run the study first")
@@ -422,6 +451,43 @@ def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
+def verdict_rows(study: Study, table: Table, verdicts: list[Verdict]) -> list[str]:
+    """The verdict table: one row per claim, with every test behind it."""
+    lines = ["| # | claim | verdict | numbers (d = a - b, 95% interval) |", "|---|---|---|---|"]
+    for v in verdicts:
+        if v.note:
+            evidence = v.note
+        else:
+            rows = []
+            for part, t in ((p, t) for p in v.claim.parts for t in compare(table, p, study.margin)):
+                shown = " - ".join(_point_text(table, pv, lr, part.metric) for pv, lr in t.points[:2])
+                rows.append(
+                    f"{part.a} vs {part.b}, {part.metric} {part.expect}, {t.label}: d = {t.estimate} "
+                    f"-> {t.verdict}" + (f" ({shown})" if len(t.points) == 2 else "")
+                )
+            evidence = "; ".join(rows)
+        lines.append(f"| {v.claim.id} | {_cell(v.claim.text)} | **{v.verdict}** | {_cell(evidence)} |")
+    return lines
+
+
+def companion(path: Path, reports: Path) -> list[str]:
+    """The section of a study named under ``also``: its verdicts from its report folder's CSV, if it has one."""
+    other = Study.load(path)
+    csv_path = reports / other.name / "results.csv"
+    lines = [f"## Also: {other.name} (`{path.name}`)", ""]
+    if not csv_path.is_file():
+        return [*lines, f"Not yet measured: there is no `{other.name}/results.csv` beside this report."]
+    results = read_csv(csv_path, other)
+    table = aggregate(results)
+    machines = sorted({r.get("machine", "") for r in results} - {""})
+    lines += [
+        f"{len(results)} runs; machine(s): {'; '.join(machines) or 'not recorded'}; "
+        f"report: [{other.name}/README.md](../{other.name}/README.md).",
+        "",
+    ]
+    return lines + verdict_rows(other, table, evaluate(other, table))
+
+
 def write_report(study: Study, results: list[dict], out: Path, study_file: str, commit: str = "") -> Path:
     """Write ``out/README.md`` and its PNG plots from ``results``; return the Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -447,6 +513,8 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         + (f"; this report written at `{commit}`" if commit else "")
         + ".",
         f"- Machine(s): {'; '.join(machines) or 'not recorded'}.",
+        f"- Study file sha256 `{hashlib.sha256(Path(study_file).read_bytes()).hexdigest()[:16]}`"
+        " (the claims, margin and grids as judged here).",
         "- Every run is a row of [results.csv](results.csv); "
         f"`python -m shakespeare_gpt.tools.ablate {study_file} --report-only` writes this report again from it.",
         "",
@@ -458,22 +526,14 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "",
         f"Rule: {RULE}" + (f" The equivalence margin is {study.margin:g} nats." if study.margin else ""),
         "",
-        "| # | claim | verdict | numbers (d = a - b, 95% interval) |",
-        "|---|---|---|---|",
     ]
-    for v in verdicts:
-        if v.note:
-            evidence = v.note
-        else:
-            rows = []
-            for part, t in ((p, t) for p in v.claim.parts for t in compare(table, p, study.margin)):
-                shown = " - ".join(_point_text(table, pv, lr, part.metric) for pv, lr in t.points[:2])
-                rows.append(
-                    f"{part.a} vs {part.b}, {part.metric} {part.expect}, {t.label}: d = {t.estimate} "
-                    f"-> {t.verdict}" + (f" ({shown})" if len(t.points) == 2 else "")
-                )
-            evidence = "; ".join(rows)
-        lines.append(f"| {v.claim.id} | {_cell(v.claim.text)} | **{v.verdict}** | {_cell(evidence)} |")
+    lines += verdict_rows(study, table, verdicts)
+    _, notes = plan(study, results)
+    if notes:
+        lines += ["", "## Rounds", "", "Runs the study added to its first grid, and why (see `plan` in report.py):", ""]
+        lines += [f"- {note}" for note in notes]
+    for other in study.also:
+        lines += ["", *companion(other, out.parent)]
     lines += ["", "## Plots", ""]
     lines += [f"![{p}]({p})" for p in plots]
     lines += [

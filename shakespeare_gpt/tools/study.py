@@ -20,7 +20,7 @@ from ..errors import UserError
 from .checks import did_you_mean, show
 
 REQUIRED = ("name", "base", "variants", "learning_rates", "seeds")
-FIELDS = (*REQUIRED, "args", "claims", "margin", "extend_grid", "max_seeds")
+FIELDS = (*REQUIRED, "args", "claims", "margin", "extend_grid", "max_seeds", "also")
 # A claim compares variant a with variant b: d = metric(a) - metric(b), with a 95% interval.
 METRICS = ("val", "gap", "lr_spread")  # best val loss; final val - train; val at worst lr - val at best lr
 AT = ("best_lr", "every_lr", "across_lr")  # each at its best lr; at each lr; d at each lr minus d at a's best lr
@@ -75,9 +75,10 @@ class Study:
     margin: float | None = None  # equivalence margin, in nats, for claims of no effect
     extend_grid: int = 0  # learning rates a variant's grid may grow by at each end
     max_seeds: int = 0  # seeds a point may get where a verdict's interval straddles its threshold
+    also: list[Path] = field(default_factory=list)  # other study files whose verdicts join the report
 
     @classmethod
-    def load(cls, path: str | Path) -> Study:
+    def load(cls, path: str | Path, _seen: frozenset[Path] = frozenset()) -> Study:
         """Read and check a study file: a one-line ``UserError`` names the file, the field and the value."""
         path = Path(path)
         raw = _read(path)
@@ -103,17 +104,29 @@ class Study:
                 f"{where}: a claim of no effect (expect: equal, not_lower or not_higher) needs an equivalence "
                 "margin: add e.g. margin: 0.02 (in nats of val loss)"
             )
+        learning_rates = _learning_rates(where, raw["learning_rates"])
+        extend_grid = _count(where, "extend_grid", raw.get("extend_grid", 0), 0, "extend_grid: 2")
+        if extend_grid and len(learning_rates) < 2:
+            raise UserError(
+                f"{where}: extend_grid {extend_grid} needs two learning rates or more (the grid's ratio at "
+                "each end gives the next one): list more, or drop extend_grid"
+            )
+        also = _also(where, raw.get("also"), here)
+        for other in also:  # checked now, not after hours of runs when the report is written
+            if other.resolve() not in _seen:
+                Study.load(other, _seen | {path.resolve()})
         return cls(
             name=_folder_name(where, "name", raw["name"], "name: seed_study"),
             base=_config(where, "base", raw["base"], here),
             variants=variants,
-            learning_rates=_learning_rates(where, raw["learning_rates"]),
+            learning_rates=learning_rates,
             seeds=seeds,
             args=_args(where, raw.get("args")),
             claims=claims,
             margin=None if margin is None else float(margin),
-            extend_grid=_count(where, "extend_grid", raw.get("extend_grid", 0), 0, "extend_grid: 2"),
+            extend_grid=extend_grid,
             max_seeds=_count(where, "max_seeds", raw.get("max_seeds", len(seeds)), len(seeds), "max_seeds: 6"),
+            also=also,
         )
 
     def runs(self) -> list[Run]:
@@ -340,8 +353,10 @@ def _comparison(where: str, raw: object, variants: dict, defaults: dict) -> Comp
                 f"a comparison has {', '.join(PART_FIELDS)}"
             )
     pair = raw.get("compare")
-    if not (isinstance(pair, list) and len(pair) == 2):
+    if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
         raise UserError(f"{where}: compare {show(pair)}: give two variants, e.g. compare: [baseline, no_ffwd]")
+    if pair[0] == pair[1]:
+        raise UserError(f"{where}: compare {show(pair)} compares a variant with itself: give two different ones")
     for name in pair:
         if name not in variants:
             raise UserError(
@@ -390,3 +405,11 @@ def _claims(where: str, value: object, variants: dict) -> list[Claim]:
             parts = (_comparison(at, {k: v for k, v in raw.items() if k in PART_FIELDS}, variants, {}),)
         claims.append(Claim(claim_id, text.strip(), parts))
     return claims
+
+
+def _also(where: str, value: object, here: Path) -> list[Path]:
+    if value is None:
+        return []
+    if not isinstance(value, list):
+        raise UserError(f"{where}: also {show(value)}: give a list of study files, e.g. also: [full_scale_study.yaml]")
+    return [_config(where, "also", item, here) for item in value]
