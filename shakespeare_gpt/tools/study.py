@@ -342,16 +342,19 @@ def _choice(where: str, field: str, value: object, choices: tuple[str, ...]) -> 
     return str(value)
 
 
+def _known_fields(where: str, raw: dict, fields: tuple[str, ...], what: str) -> None:
+    for key in raw:
+        if key not in fields:
+            raise UserError(
+                f"{where}: unknown field {show(key)}{did_you_mean(str(key), fields)}; {what} has {', '.join(fields)}"
+            )
+
+
 def _comparison(where: str, raw: object, variants: dict, defaults: dict) -> Comparison:
     example = "{compare: [baseline, no_ffwd], metric: val, at: best_lr, expect: lower}"
     if not isinstance(raw, dict):
         raise UserError(f"{where}: {show(raw)}: give a comparison, e.g. {example}")
-    for key in raw:
-        if key not in PART_FIELDS:
-            raise UserError(
-                f"{where}: unknown field {show(key)}{did_you_mean(str(key), PART_FIELDS)}; "
-                f"a comparison has {', '.join(PART_FIELDS)}"
-            )
+    _known_fields(where, raw, PART_FIELDS, "a comparison")
     pair = raw.get("compare")
     if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(v, str) for v in pair)):
         raise UserError(f"{where}: compare {show(pair)}: give two variants, e.g. compare: [baseline, no_ffwd]")
@@ -383,12 +386,7 @@ def _claims(where: str, value: object, variants: dict) -> list[Claim]:
         at = f"{where}: claim {n}"
         if not isinstance(raw, dict):
             raise UserError(f"{at}: {show(raw)}: give a mapping with id, claim, compare and expect; see {EXAMPLE}")
-        for key in raw:
-            if key not in CLAIM_FIELDS:
-                raise UserError(
-                    f"{at}: unknown field {show(key)}{did_you_mean(str(key), CLAIM_FIELDS)}; "
-                    f"a claim has {', '.join(CLAIM_FIELDS)}"
-                )
+        _known_fields(at, raw, CLAIM_FIELDS, "a claim")
         claim_id = str(raw.get("id", n))
         if claim_id in ids:
             raise UserError(f"{at}: id {claim_id} is used twice: give each claim its own id")
