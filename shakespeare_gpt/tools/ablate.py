@@ -161,6 +161,13 @@ def run_in_worker(study: Study, run: Run, study_dir: Path, commit: str, threads:
         raise RuntimeError(f"the CLI refused the run (exit status {e.code})") from None
 
 
+def refuse_if_running(study: Study, study_dir: Path) -> None:
+    """The lock's refusal, asked before the (slow) checks of every variant, creating nothing."""
+    if (study_dir / LOCK).exists():
+        with study_lock(study, study_dir):
+            pass
+
+
 @contextmanager
 def study_lock(study: Study, study_dir: Path):
     """Held while a runner works on ``study_dir``: a second runner on the same folder is refused.
@@ -407,6 +414,7 @@ def main(argv: list[str] | None = None) -> None:
         else:
             if opts.address and opts.jobs:
                 raise UserError("--jobs is for this machine; with --address the cluster's size decides: drop --jobs")
+            refuse_if_running(study, study_dir)
             check_variants(study, opts.study, study_dir)
             with study_lock(study, study_dir):
                 engine = RayEngine(opts.jobs or 2, opts.address, opts.cpus_per_run, opts.gpus_per_run)
