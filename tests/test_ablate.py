@@ -3,6 +3,7 @@ the cluster path, the report and the CSV it can be written again from. The verdi
 
 import os
 import random
+import shutil
 import signal
 import socket
 import subprocess
@@ -148,13 +149,54 @@ def test_resumed_study_skips_finished_runs_and_redoes_a_cut_off_one(smoke_study,
     run(smoke_study, tmp_path, capsys)
     results = sorted((tmp_path / "logs" / "smoke").glob("*/*/result.json"))
     stamps = {p: p.stat().st_mtime_ns for p in results}
-    results[0].unlink()  # as if the study had been cut off during this run, which left files behind
+    # As if the study had been cut off during this run, which left files behind (and no row in the CSV).
+    results[0].unlink()
     (results[0].parent / "half_written.ckpt").write_text("x")
+    csv_file = tmp_path / "report" / "results.csv"
+    rows = csv_file.read_text().splitlines()
+    csv_file.write_text("\n".join(r for r in rows if not r.startswith(results[0].parent.parent.name + ",")) + "\n")
     out = run(smoke_study, tmp_path, capsys)
     assert "2 runs planned, 1 finished, 1 to go" in out
     assert results[0].exists() and not (results[0].parent / "half_written.ckpt").exists()  # started over
     assert results[1].stat().st_mtime_ns == stamps[results[1]]  # the finished run was not run again
     assert "2 runs planned" not in run(smoke_study, tmp_path, capsys)  # all done: nothing runs
+
+
+def test_study_resumes_from_its_committed_csv_alone(smoke_study, tmp_path, capsys):
+    """A fresh clone has the committed results.csv and no logs: its finished runs are not run again."""
+    run(smoke_study, tmp_path, capsys)
+    csv_file = tmp_path / "report" / "results.csv"
+    rows = csv_file.read_text().splitlines()
+    shutil.rmtree(tmp_path / "logs")
+    out = run(smoke_study, tmp_path, capsys)
+    assert "smoke: 2 finished runs read from" in out and "runs planned" not in out
+    assert csv_file.read_text().splitlines() == rows and not (tmp_path / "logs" / "smoke" / "baseline").exists()
+    # One row gone (a run the committed CSV did not have yet): only that run is run.
+    csv_file.write_text("\n".join(r for r in rows if not r.startswith("post_norm,")) + "\n")
+    out = run(smoke_study, tmp_path, capsys)
+    assert "smoke: 1 finished runs read from" in out and "2 runs planned, 1 finished, 1 to go" in out
+    assert "post_norm lr=0.001 seed=0" in out and len(csv_file.read_text().splitlines()) == 3
+
+
+def test_an_unfinished_study_reports_so_and_rows_of_other_settings_are_not_finished(smoke_study, tmp_path, capsys):
+    from shakespeare_gpt.tools.report import finished_rows, write_report
+
+    study = Study.load(smoke_study)
+    run(smoke_study, tmp_path, capsys)
+    results = finished_rows(tmp_path / "report" / "results.csv", study)
+    report = write_report(study, results[:1], tmp_path / "interim", study_file=str(smoke_study)).read_text()
+    assert "**Interim report: the study is not finished.** 1 of the 2 runs it plans so far have not run" in report
+    assert "Interim report" not in (tmp_path / "report" / "README.md").read_text()
+    # A row computed with other settings is not a finished run of the study as it is now.
+    variant = tmp_path / "post_norm_copy.yaml"
+    variant.write_text("model:\n  norm: post\n  dropout: 0.1\n")
+    changed = yaml.safe_load(smoke_study.read_text())
+    changed["variants"]["post_norm"] = [str(variant)]
+    smoke_study.write_text(yaml.safe_dump(changed))
+    assert [r["variant"] for r in finished_rows(tmp_path / "report" / "results.csv", Study.load(smoke_study))] == [
+        "baseline"
+    ]
+    assert finished_rows(tmp_path / "nowhere.csv", study) == []
 
 
 def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, capsys):
@@ -301,6 +343,7 @@ def test_interrupted_runner_stops_every_worker_refuses_a_second_runner_and_resum
     assert f"2 runs planned, {len(finished_before)} finished, {2 - len(finished_before)} to go" in out
     assert all(p.stat().st_mtime_ns == t for p, t in finished_before.items())
     assert len(list(folders.glob("*/*/result.json"))) == 2
+    assert len((tmp_path / "report" / "results.csv").read_text().splitlines()) == 3  # both runs, one row each
 
 
 def free_port() -> int:

@@ -11,9 +11,11 @@ cluster (for example one started with ``ray start`` in a SLURM allocation).
 The study runs in rounds. The first runs the grid the file gives. Then a variant whose best
 learning rate lies at an edge of its grid gets the next learning rate beyond that edge
 (``extend_grid``), and the points behind a verdict whose interval straddles its threshold get
-more seeds (``max_seeds``), until neither applies. A finished run leaves ``result.json`` and is
-never run again; a run that was cut off is run again from its start. The report and the CSV of
-every run are written at the end (see ``report.py``).
+more seeds (``max_seeds``), until neither applies. A finished run leaves ``result.json`` and a
+row in the report folder's ``results.csv`` (rewritten after every run), and is never run again:
+the runner starts from both, so a study whose CSV was committed resumes in a fresh clone or on
+another machine. A run that was cut off is run again from its start. The report is written at the
+end (see ``report.py``).
 """
 
 from __future__ import annotations
@@ -37,7 +39,7 @@ from lightning.pytorch.callbacks import Callback
 from ..cli import DropLines, build, quiet_third_party
 from ..errors import NonFiniteLossError, UserError
 from .checks import ToolParser, cli_refusal, fail, whole, writable_place
-from .report import plan, read_csv, write_csv, write_report
+from .report import finished_rows, plan, read_csv, write_csv, write_report
 from .study import Run, Study
 
 ENGINE_INSTALL = 'the study runs its fits on Ray: pip install -e ".[study]"'
@@ -289,10 +291,16 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def run_study(study: Study, study_dir: Path, engine: RayEngine) -> list[dict]:
-    """Run every round of the study (see the module's docstring); return every result."""
+def run_study(study: Study, study_dir: Path, engine: RayEngine, csv_path: Path) -> list[dict]:
+    """Run every round of the study (see the module's docstring); return every result.
+
+    The finished runs of ``csv_path`` (a committed results.csv) count as done; the file is
+    rewritten after each run, so it always holds every finished run.
+    """
     commit = git_commit()
-    done: dict[Run, dict] = {}
+    done: dict[Run, dict] = {Run(r["variant"], r["lr"], r["seed"]): r for r in finished_rows(csv_path, study)}
+    if done:
+        print(f"{study.name}: {len(done)} finished runs read from {csv_path}", flush=True)
     start = time.perf_counter()
     planned: set[Run] = set()
     said: set[str] = set()
@@ -303,6 +311,7 @@ def run_study(study: Study, study_dir: Path, engine: RayEngine) -> list[dict]:
             if r not in done and finished(study, r, study_dir):
                 done[r] = json.loads((r.folder(study_dir) / "result.json").read_text())
         todo = [r for r in wanted if r not in done]
+        write_csv(list(done.values()), csv_path)
         if not todo:
             if set(wanted) == planned:
                 break
@@ -329,6 +338,7 @@ def run_study(study: Study, study_dir: Path, engine: RayEngine) -> list[dict]:
                 print(f"[{i}/{len(todo)}] {label}: FAILED: {type(outcome).__name__}: {outcome}", flush=True)
                 continue
             done[run] = outcome
+            write_csv(list(done.values()), csv_path)
             eta = (time.perf_counter() - round_start) / i * (len(todo) - i)
             print(
                 f"[{i}/{len(todo)}] {label}: best val {outcome['best_val_loss']:.4f}, "
@@ -420,7 +430,7 @@ def main(argv: list[str] | None = None) -> None:
                 engine = RayEngine(opts.jobs or 2, opts.address, opts.cpus_per_run, opts.gpus_per_run)
                 try:
                     with engine:
-                        results = run_study(study, study_dir, engine)
+                        results = run_study(study, study_dir, engine, report_dir / "results.csv")
                 except KeyboardInterrupt:
                     name = "SIGTERM" if engine.terminated else "Ctrl-C"
                     print(
@@ -430,7 +440,6 @@ def main(argv: list[str] | None = None) -> None:
                         flush=True,
                     )
                     raise SystemExit(143 if engine.terminated else 130) from None
-            write_csv(results, report_dir / "results.csv")
         out = write_report(study, results, report_dir, study_file=opts.study, commit=git_commit())
     except UserError as e:
         fail(e)

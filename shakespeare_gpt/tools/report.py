@@ -9,6 +9,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import math
+import os
 import statistics
 from collections import defaultdict
 from dataclasses import dataclass, field
@@ -338,20 +339,21 @@ def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
 
 
 def write_csv(results: list[dict], path: Path) -> None:
+    """Every run as a row, sorted; written whole to a side file first, so a cut-off write loses nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "w", newline="") as f:
+    part = path.with_name(path.name + ".part")
+    with open(part, "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for r in sorted(results, key=lambda r: (r["variant"], r["lr"], r["seed"])):
             writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+    os.replace(part, path)
 
 
-def read_csv(path: Path, study: Study) -> list[dict]:
-    """The results a report was written from, as ``write_csv`` wrote them; one-line errors otherwise."""
-    if not path.is_file():
-        raise UserError(f"no {path.name} in {path.parent}: run the study first, or give --report of a folder with one")
+def _rows(path: Path) -> list[tuple[int, dict]]:
+    """The rows of a results.csv with their line numbers, typed; one-line errors for a broken file."""
     floats = ("lr", "best_val_loss", "final_val_loss", "best_train_loss", "final_train_loss", "final_gap")
-    results, seen = [], {}
+    rows, seen = [], {}
     with open(path, newline="") as f:
         for line, row in enumerate(csv.DictReader(f), 2):
             try:
@@ -362,22 +364,47 @@ def read_csv(path: Path, study: Study) -> list[dict]:
                 r["diverged"] = row["diverged"] == "True"
             except (KeyError, TypeError, ValueError) as e:
                 raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
-            if r["variant"] not in study.variants:
-                raise UserError(f"{path}, line {line}: variant {r['variant']} is not in study {study.name}")
             key = (r["variant"], r["lr"], r["seed"])
             if key in seen:
                 raise UserError(f"{path}, line {line}: the run {key} is also on line {seen[key]}: each run once")
             seen[key] = line
-            run = Run(r["variant"], r["lr"], r["seed"])
-            if r.get("settings") and r["settings"] != study.settings(run):
-                raise UserError(
-                    f"{path}, line {line}: {r['variant']} at lr {r['lr']:g}, seed {r['seed']} was computed with "
-                    f"other settings than {study.name}'s configs now give: run the study again, or restore them"
-                )
-            results.append(r)
+            rows.append((line, r))
+    return rows
+
+
+def _current(study: Study, r: dict) -> bool:
+    return r["variant"] in study.variants and r.get("settings") == study.settings(Run(r["variant"], r["lr"], r["seed"]))
+
+
+def read_csv(path: Path, study: Study) -> list[dict]:
+    """The results a report was written from, as ``write_csv`` wrote them; one-line errors otherwise."""
+    if not path.is_file():
+        raise UserError(f"no {path.name} in {path.parent}: run the study first, or give --report of a folder with one")
+    results = []
+    for line, r in _rows(path):
+        if r["variant"] not in study.variants:
+            raise UserError(f"{path}, line {line}: variant {r['variant']} is not in study {study.name}")
+        if r.get("settings") and not _current(study, r):
+            raise UserError(
+                f"{path}, line {line}: {r['variant']} at lr {r['lr']:g}, seed {r['seed']} was computed with "
+                f"other settings than {study.name}'s configs now give: run the study again, or restore them"
+            )
+        results.append(r)
     if not results:
         raise UserError(f"{path} has no runs: run the study first")
     return results
+
+
+def finished_rows(path: Path, study: Study) -> list[dict]:
+    """The runs of a results.csv that the study, as its files are now, would compute again: finished runs.
+
+    This is how a study resumes on another machine or in a fresh clone: from the committed CSV.
+    Rows of variants no longer in the study, or computed with other settings, are left out (their
+    runs are run again); a missing file is a study with nothing finished.
+    """
+    if not path.is_file():
+        return []
+    return [r for _, r in _rows(path) if _current(study, r)]
 
 
 # --- plots and the Markdown ---
@@ -500,9 +527,18 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     machines = sorted({r.get("machine", "") for r in results} - {""})
     hours = sum(r["seconds"] for r in results) / 3600
     verdicts = evaluate(study, table)
-    lines = [
-        f"# Ablation study: {study.name}",
-        "",
+    wanted, notes = plan(study, results)
+    done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
+    missing = sum((r.variant, r.lr, r.seed) not in done for r in wanted)
+    lines = [f"# Ablation study: {study.name}", ""]
+    if missing:
+        lines += [
+            f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "
+            "have not run (and finishing them may add rounds). The verdicts below are from the runs so far and "
+            f"may change: run `python -m shakespeare_gpt.tools.ablate {study_file}` to go on.",
+            "",
+        ]
+    lines += [
         f"Study file `{study_file}`; {len(results)} runs of {len(table)} variants at learning rates "
         f"{', '.join(f'{lr:g}' for lr in lrs)} with seeds {', '.join(map(str, seeds))} "
         f"({'/'.join(map(str, steps))} steps each), base config `{study.base.name}`"
@@ -528,7 +564,6 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "",
     ]
     lines += verdict_rows(study, table, verdicts)
-    _, notes = plan(study, results)
     if notes:
         lines += ["", "## Rounds", "", "Runs the study added to its first grid, and why (see `plan` in report.py):", ""]
         lines += [f"- {note}" for note in notes]
