@@ -145,3 +145,33 @@ def test_gpu_fit_with_compile_and_data_on_device(corpus_dir, tmp_path, monkeypat
     cli = cli_main(args)
     assert cli.trainer.global_step == 3
     assert cli.datamodule.train_data.device.type == "cuda"
+
+
+def test_bench_times_both_paths_through_its_command_and_writes_only_its_result(corpus_dir, tmp_path):
+    """``python -m shakespeare_gpt.tools.bench`` as a user runs it: a table, the JSON at --out, no stray files."""
+    import json
+    import subprocess
+    import sys
+
+    work = tmp_path / "work"
+    work.mkdir()
+    config = {
+        "data": {"corpus": str(corpus_dir / "input.txt"), "batch_size": 4},
+        "model": {"block_size": 16, "n_layer": 1, "n_head": 2, "n_embd": 16, "dropout": 0.0},
+        "trainer": {"accelerator": "cpu", "enable_progress_bar": False},
+    }
+    (work / "tiny.yaml").write_text(json.dumps(config))
+    args = ["--config=tiny.yaml", "--sections=train,generate", "--steps=3", "--warmup=1", "--repeats=1"]
+    done = subprocess.run(
+        [sys.executable, "-m", "shakespeare_gpt.tools.bench", *args, "--gen-tokens=20", "--out=b.json"],
+        cwd=work,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    assert "framework overhead" in done.stdout and "wrote b.json" in done.stdout
+    train = json.loads((work / "b.json").read_text())["train"]
+    assert train["lightning_step_ms"] > 0 and train["bare_step_ms"] > 0 and train["tokens_per_step"] == 4 * 16
+    assert sorted(p.name for p in work.iterdir()) == ["b.json", "tiny.yaml"]  # no lock file, no logs

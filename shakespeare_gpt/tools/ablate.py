@@ -20,6 +20,7 @@ end (see ``report.py``).
 
 from __future__ import annotations
 
+import argparse
 import fcntl
 import json
 import logging
@@ -375,8 +376,6 @@ def _fraction(text: str) -> float:
     except ValueError:
         value = -1.0
     if not 0 <= value < 1e6:
-        import argparse
-
         raise argparse.ArgumentTypeError(f"--gpus-per-run {text!r}: give a number >= 0, e.g. --gpus-per-run 1")
     return value
 

@@ -24,6 +24,7 @@ import json
 import platform
 import statistics
 import sys
+import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -87,10 +88,12 @@ def build_run(config: str, extra: list[str], max_steps: int):
 
 
 def time_lightning(config: str, extra: list[str], steps: int, warmup: int) -> float:
-    cli = build_run(config, extra, warmup + steps)
-    timer = StepTimer(warmup, steps)
-    cli.trainer.callbacks.append(timer)
-    cli.trainer.fit(cli.model, cli.datamodule)
+    # With no logger the run's folder is the trainer's root (its lock file goes there): a temporary one.
+    with tempfile.TemporaryDirectory(prefix="bench-") as root:
+        cli = build_run(config, [*extra, f"--trainer.default_root_dir={root}"], warmup + steps)
+        timer = StepTimer(warmup, steps)
+        cli.trainer.callbacks.append(timer)
+        cli.trainer.fit(cli.model, cli.datamodule)
     return timer.step_seconds
 
 
