@@ -115,8 +115,19 @@ def run(study: Path, tmp_path: Path, capsys, *extra: str, jobs: str = "--jobs=1"
     return capsys.readouterr().out
 
 
-def test_smoke_study_writes_the_report_and_its_csv(smoke_study, tmp_path, capsys):
+def test_smoke_study_writes_the_report_and_its_csv(smoke_study, tmp_path, capsys, monkeypatch):
+    from shakespeare_gpt.tools import ablate
+
+    written = []  # the runs in results.csv each time the runner rewrites it
+
+    def write_csv(results, path):
+        real_write_csv(results, path)
+        written.append(len(path.read_text().splitlines()) - 1)
+
+    real_write_csv = ablate.write_csv
+    monkeypatch.setattr(ablate, "write_csv", write_csv)
     out = run(smoke_study, tmp_path, capsys)
+    assert written[:3] == [0, 1, 2]  # rewritten after each run, not only at the end
     assert "smoke, round 1: 2 runs planned, 0 finished, 2 to go" in out
     report = (tmp_path / "report" / "README.md").read_text()
     for png in ("val_vs_lr.png", "best_val.png", "gap.png"):
@@ -183,7 +194,8 @@ def test_an_unfinished_study_reports_so_and_rows_of_other_settings_are_not_finis
 
     study = Study.load(smoke_study)
     run(smoke_study, tmp_path, capsys)
-    results = finished_rows(tmp_path / "report" / "results.csv", study)
+    results, stale = finished_rows(tmp_path / "report" / "results.csv", study)
+    assert len(results) == 2 and stale == []
     report = write_report(study, results[:1], tmp_path / "interim", study_file=str(smoke_study)).read_text()
     assert "**Interim report: the study is not finished.** 1 of the 2 runs it plans so far have not run" in report
     assert "Interim report" not in (tmp_path / "report" / "README.md").read_text()
@@ -193,10 +205,9 @@ def test_an_unfinished_study_reports_so_and_rows_of_other_settings_are_not_finis
     changed = yaml.safe_load(smoke_study.read_text())
     changed["variants"]["post_norm"] = [str(variant)]
     smoke_study.write_text(yaml.safe_dump(changed))
-    assert [r["variant"] for r in finished_rows(tmp_path / "report" / "results.csv", Study.load(smoke_study))] == [
-        "baseline"
-    ]
-    assert finished_rows(tmp_path / "nowhere.csv", study) == []
+    finished, stale = finished_rows(tmp_path / "report" / "results.csv", Study.load(smoke_study))
+    assert [r["variant"] for r in finished] == ["baseline"] and [r["variant"] for r in stale] == ["post_norm"]
+    assert finished_rows(tmp_path / "nowhere.csv", study) == ([], [])
 
 
 def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, capsys):
@@ -212,6 +223,30 @@ def test_changed_variant_config_reruns_that_variant_only(smoke_study, tmp_path, 
     out = run(smoke_study, tmp_path, capsys)
     assert "2 runs planned, 1 finished, 1 to go" in out  # the file's contents changed
     assert "post_norm lr=0.001 seed=0" in out
+    # The old run's row left results.csv for results.csv.stale, which keeps it: nothing is lost.
+    assert "1 rows of" in out and "moved to" in out
+    stale = (tmp_path / "report" / "results.csv.stale").read_text().splitlines()
+    assert len(stale) == 2 and stale[1].startswith("post_norm,0.001,0,")
+    assert len((tmp_path / "report" / "results.csv").read_text().splitlines()) == 3
+
+
+def test_a_broken_csv_at_start_is_one_line_and_is_left_as_it_was(smoke_study, tmp_path, capsys):
+    report = tmp_path / "report"
+    report.mkdir()
+    broken = [
+        b"variant,lr,seed,diverged,steps\nbaseline,0.001,zero,False,4\n",  # a value of the wrong type
+        b"variant,lr\n" + b"x" * 200_000 + b",0.001\n",  # no CSV the runner writes: csv.Error
+        b"variant,lr\n\xff\xfe,0.001\n",  # not UTF-8
+    ]
+    for content in broken:
+        (report / "results.csv").write_bytes(content)
+        with pytest.raises(SystemExit) as exc:
+            run(smoke_study, tmp_path, capsys)
+        assert exc.value.code == 1
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and err[0].startswith(f"error: {report / 'results.csv'}")
+        assert (report / "results.csv").read_bytes() == content
+        assert not (tmp_path / "logs" / "smoke" / "baseline").exists()
 
 
 def test_a_run_that_diverges_before_its_first_validation_is_recorded_as_diverged(corpus_dir, tmp_path, monkeypatch):
@@ -321,6 +356,12 @@ def test_interrupted_runner_stops_every_worker_refuses_a_second_runner_and_resum
             f"error: study smoke in {folders} is being run by runner pid {runner.pid} on {socket.gethostname()}: "
             "wait for it to end, or stop it (Ctrl-C in its terminal, or kill its pid) and run this again to resume"
         ]
+        # So is one with other logs that would rewrite the same report's CSV.
+        args = [sys.executable, "-m", "shakespeare_gpt.tools.ablate", str(study), f"--logs={tmp_path / 'other'}"]
+        third = subprocess.run([*args, f"--report={tmp_path / 'report'}"], capture_output=True, text=True, timeout=120)
+        assert third.returncode == 1
+        assert f"error: study smoke in {tmp_path / 'report'} is being run by runner pid {runner.pid}" in third.stderr
+        assert not (tmp_path / "other" / "smoke" / "baseline").exists()
         time.sleep(random.uniform(0, 3))
         assert runner.poll() is None, "the runs ended before the signal: make them longer"
         workers |= descendants(runner.pid)

@@ -40,7 +40,7 @@ from lightning.pytorch.callbacks import Callback
 from ..cli import DropLines, build, quiet_third_party
 from ..errors import NonFiniteLossError, UserError
 from .checks import ToolParser, cli_refusal, fail, whole, writable_place
-from .report import finished_rows, plan, read_csv, write_csv, write_report
+from .report import finished_rows, keep_stale, plan, read_csv, write_csv, write_report
 from .study import Run, Study
 
 ENGINE_INSTALL = 'the study runs its fits on Ray: pip install -e ".[study]"'
@@ -292,16 +292,30 @@ def git_commit() -> str:
     return head.stdout.strip() + ("+changes" if dirty.stdout.strip() else "")
 
 
-def run_study(study: Study, study_dir: Path, engine: RayEngine, csv_path: Path) -> list[dict]:
+def earlier_runs(study: Study, csv_path: Path) -> list[dict]:
+    """The finished runs of ``csv_path`` (a committed results.csv, say); its stale rows are moved aside."""
+    finished, stale = finished_rows(csv_path, study)
+    if stale:
+        kept = keep_stale(stale, csv_path)
+        write_csv(finished, csv_path)
+        print(
+            f"{study.name}: {len(stale)} rows of {csv_path} were computed with other settings or are of variants "
+            f"no longer in the study: moved to {kept}; their runs run again",
+            flush=True,
+        )
+    if finished:
+        print(f"{study.name}: {len(finished)} finished runs read from {csv_path}", flush=True)
+    return finished
+
+
+def run_study(study: Study, study_dir: Path, engine: RayEngine, csv_path: Path, earlier: list[dict]) -> list[dict]:
     """Run every round of the study (see the module's docstring); return every result.
 
-    The finished runs of ``csv_path`` (a committed results.csv) count as done; the file is
+    The runs of ``earlier`` (from a committed results.csv) count as done; ``csv_path`` is
     rewritten after each run, so it always holds every finished run.
     """
     commit = git_commit()
-    done: dict[Run, dict] = {Run(r["variant"], r["lr"], r["seed"]): r for r in finished_rows(csv_path, study)}
-    if done:
-        print(f"{study.name}: {len(done)} finished runs read from {csv_path}", flush=True)
+    done: dict[Run, dict] = {Run(r["variant"], r["lr"], r["seed"]): r for r in earlier}
     start = time.perf_counter()
     planned: set[Run] = set()
     said: set[str] = set()
@@ -424,12 +438,15 @@ def main(argv: list[str] | None = None) -> None:
             if opts.address and opts.jobs:
                 raise UserError("--jobs is for this machine; with --address the cluster's size decides: drop --jobs")
             refuse_if_running(study, study_dir)
+            refuse_if_running(study, report_dir)
             check_variants(study, opts.study, study_dir)
-            with study_lock(study, study_dir):
+            # Both folders locked: a second runner with other --logs must not rewrite this report's CSV.
+            with study_lock(study, study_dir), study_lock(study, report_dir):
+                earlier = earlier_runs(study, report_dir / "results.csv")
                 engine = RayEngine(opts.jobs or 2, opts.address, opts.cpus_per_run, opts.gpus_per_run)
                 try:
                     with engine:
-                        results = run_study(study, study_dir, engine, report_dir / "results.csv")
+                        results = run_study(study, study_dir, engine, report_dir / "results.csv", earlier)
                 except KeyboardInterrupt:
                     name = "SIGTERM" if engine.terminated else "Ctrl-C"
                     print(

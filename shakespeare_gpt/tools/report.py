@@ -11,6 +11,7 @@ import hashlib
 import math
 import os
 import statistics
+import tempfile
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -338,37 +339,51 @@ def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
 # --- the CSV ---
 
 
+def _write_rows(f, results: list[dict], header: bool = True) -> None:
+    writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
+    if header:
+        writer.writeheader()
+    for r in sorted(results, key=lambda r: (r["variant"], r["lr"], r["seed"])):
+        writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
+
+
 def write_csv(results: list[dict], path: Path) -> None:
     """Every run as a row, sorted; written whole to a side file first, so a cut-off write loses nothing."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    part = path.with_name(path.name + ".part")
-    with open(part, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=COLUMNS, extrasaction="ignore")
-        writer.writeheader()
-        for r in sorted(results, key=lambda r: (r["variant"], r["lr"], r["seed"])):
-            writer.writerow({k: (repr(v) if isinstance(v, float) else v) for k, v in r.items()})
-    os.replace(part, path)
+    fd, part = tempfile.mkstemp(dir=path.parent, prefix=path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "w", newline="", encoding="utf-8") as f:
+            _write_rows(f, results)
+        os.replace(part, path)
+    except BaseException:
+        Path(part).unlink(missing_ok=True)
+        raise
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
     """The rows of a results.csv with their line numbers, typed; one-line errors for a broken file."""
     floats = ("lr", "best_val_loss", "final_val_loss", "best_train_loss", "final_train_loss", "final_gap")
     rows, seen = [], {}
-    with open(path, newline="") as f:
-        for line, row in enumerate(csv.DictReader(f), 2):
-            try:
-                r = dict(row)
-                for k in (*floats, "unigram_val_loss", "seconds"):
-                    r[k] = float(row[k])
-                r["seed"], r["steps"] = int(row["seed"]), int(row["steps"])
-                r["diverged"] = row["diverged"] == "True"
-            except (KeyError, TypeError, ValueError) as e:
-                raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
-            key = (r["variant"], r["lr"], r["seed"])
-            if key in seen:
-                raise UserError(f"{path}, line {line}: the run {key} is also on line {seen[key]}: each run once")
-            seen[key] = line
-            rows.append((line, r))
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for line, row in enumerate(csv.DictReader(f), 2):
+                try:
+                    r = dict(row)
+                    for k in (*floats, "unigram_val_loss", "seconds"):
+                        r[k] = float(row[k])
+                    r["seed"], r["steps"] = int(row["seed"]), int(row["steps"])
+                    r["diverged"] = row["diverged"] == "True"
+                except (KeyError, TypeError, ValueError) as e:
+                    raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
+                key = (r["variant"], r["lr"], r["seed"])
+                if key in seen:
+                    raise UserError(f"{path}, line {line}: the run {key} is also on line {seen[key]}: each run once")
+                seen[key] = line
+                rows.append((line, r))
+    except (csv.Error, UnicodeDecodeError) as e:
+        raise UserError(
+            f"{path}: not an ablate results.csv ({e}): restore it (git checkout -- {path}) or move it away"
+        ) from None
     return rows
 
 
@@ -395,16 +410,33 @@ def read_csv(path: Path, study: Study) -> list[dict]:
     return results
 
 
-def finished_rows(path: Path, study: Study) -> list[dict]:
-    """The runs of a results.csv that the study, as its files are now, would compute again: finished runs.
+def finished_rows(path: Path, study: Study) -> tuple[list[dict], list[dict]]:
+    """The runs of a results.csv that the study, as its files are now, would compute again (finished
+    runs), and the others (stale: variants no longer in the study, or other settings).
 
     This is how a study resumes on another machine or in a fresh clone: from the committed CSV.
-    Rows of variants no longer in the study, or computed with other settings, are left out (their
-    runs are run again); a missing file is a study with nothing finished.
+    A stale row's run is run again; a missing file is a study with nothing finished.
     """
     if not path.is_file():
-        return []
-    return [r for _, r in _rows(path) if _current(study, r)]
+        return [], []
+    rows = [r for _, r in _rows(path)]
+    return [r for r in rows if _current(study, r)], [r for r in rows if not _current(study, r)]
+
+
+def keep_stale(rows: list[dict], path: Path) -> Path:
+    """Append ``rows`` to ``path``'s ``.stale`` file beside it, so rows a runner drops are never lost."""
+    stale = path.with_name(path.name + ".stale")
+    new = not stale.exists()
+    with open(stale, "a", newline="", encoding="utf-8") as f:
+        _write_rows(f, rows, header=new)
+    return stale
+
+
+def missing_runs(study: Study, results: list[dict]) -> tuple[int, int]:
+    """How many of the runs the study plans so far have no result, and how many it plans."""
+    wanted, _ = plan(study, results)
+    done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
+    return sum((r.variant, r.lr, r.seed) not in done for r in wanted), len(wanted)
 
 
 # --- plots and the Markdown ---
@@ -507,11 +539,17 @@ def companion(path: Path, reports: Path) -> list[str]:
     results = read_csv(csv_path, other)
     table = aggregate(results)
     machines = sorted({r.get("machine", "") for r in results} - {""})
+    missing, wanted = missing_runs(other, results)
     lines += [
         f"{len(results)} runs; machine(s): {'; '.join(machines) or 'not recorded'}; "
         f"report: [{other.name}/README.md](../{other.name}/README.md).",
         "",
     ]
+    if missing:
+        lines += [
+            f"**Not finished:** {missing} of the {wanted} runs it plans so far have not run; verdicts may change.",
+            "",
+        ]
     return lines + verdict_rows(other, table, evaluate(other, table))
 
 
@@ -527,13 +565,12 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     machines = sorted({r.get("machine", "") for r in results} - {""})
     hours = sum(r["seconds"] for r in results) / 3600
     verdicts = evaluate(study, table)
-    wanted, notes = plan(study, results)
-    done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
-    missing = sum((r.variant, r.lr, r.seed) not in done for r in wanted)
+    _, notes = plan(study, results)
+    missing, wanted = missing_runs(study, results)
     lines = [f"# Ablation study: {study.name}", ""]
     if missing:
         lines += [
-            f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "
+            f"**Interim report: the study is not finished.** {missing} of the {wanted} runs it plans so far "
             "have not run (and finishing them may add rounds). The verdicts below are from the runs so far and "
             f"may change: run `python -m shakespeare_gpt.tools.ablate {study_file}` to go on.",
             "",
