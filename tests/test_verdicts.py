@@ -336,3 +336,33 @@ def test_report_only_refuses_a_csv_computed_with_other_settings(tmp_path):
     (tmp_path / "base.yaml").write_text("model:\n  n_layer: 1\n")
     with pytest.raises(UserError, match=r"line \d+: the run \('a', 0.001, 0\) is also on line 2: each run once"):
         read_csv(tmp_path / "results.csv", s)
+
+
+def test_a_study_named_under_also_joins_the_report_and_says_when_it_is_not_finished(tmp_path):
+    from shakespeare_gpt.tools.report import write_report
+
+    (tmp_path / "big").mkdir()
+    claims = [{"id": 10, "claim": "a beats b at full scale.", "compare": ["a", "b"]}]
+    big = study(tmp_path / "big", claims, name="big")
+    s = study(tmp_path, [{"id": 4, "claim": "a beats b.", "compare": ["a", "b"]}], also=["big/study.yaml"])
+    better = {lr: [x - 0.1 for x in v] for lr, v in FLAT.items()}
+    reports = tmp_path / "reports"
+
+    def report() -> str:
+        return write_report(
+            s, results(grid(better, FLAT)), reports / "synthetic", str(tmp_path / "study.yaml")
+        ).read_text()
+
+    assert "## Also: big (`study.yaml`)\n\nNot yet measured: there is no `big/results.csv`" in report()
+    rows = results(grid(better, MIDDLE))
+    for r in rows:
+        r["settings"] = big.settings(Run(r["variant"], r["lr"], r["seed"]))
+    write_csv(rows[:-1], reports / "big" / "results.csv")  # one run of 18 to go
+    text = report()
+    assert "17 runs; machine(s): not recorded" in text
+    assert "**Not finished:** 1 of the 18 runs it plans so far have not run; verdicts may change." in text
+    assert "| 10 | a beats b at full scale. | **" in text
+    write_csv(rows, reports / "big" / "results.csv")
+    text = report()
+    assert "18 runs; machine(s)" in text and "Not finished" not in text
+    assert "| 10 | a beats b at full scale. | **supported** |" in text
