@@ -419,8 +419,10 @@ def finished_rows(path: Path, study: Study) -> tuple[list[dict], list[dict]]:
     """
     if not path.is_file():
         return [], []
-    rows = [r for _, r in _rows(path)]
-    return [r for r in rows if _current(study, r)], [r for r in rows if not _current(study, r)]
+    finished, stale = [], []
+    for _, r in _rows(path):  # one fingerprint a row: each reads the run's config files
+        (finished if _current(study, r) else stale).append(r)
+    return finished, stale
 
 
 def keep_stale(rows: list[dict], path: Path) -> Path:
@@ -432,11 +434,10 @@ def keep_stale(rows: list[dict], path: Path) -> Path:
     return stale
 
 
-def missing_runs(study: Study, results: list[dict]) -> tuple[int, int]:
-    """How many of the runs the study plans so far have no result, and how many it plans."""
-    wanted, _ = plan(study, results)
+def missing_runs(wanted: list[Run], results: list[dict]) -> int:
+    """How many of the runs ``plan`` wants have no result yet."""
     done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
-    return sum((r.variant, r.lr, r.seed) not in done for r in wanted), len(wanted)
+    return sum((r.variant, r.lr, r.seed) not in done for r in wanted)
 
 
 # --- plots and the Markdown ---
@@ -539,7 +540,8 @@ def companion(path: Path, reports: Path) -> list[str]:
     results = read_csv(csv_path, other)
     table = aggregate(results)
     machines = sorted({r.get("machine", "") for r in results} - {""})
-    missing, wanted = missing_runs(other, results)
+    wanted, _ = plan(other, results)
+    missing = missing_runs(wanted, results)
     lines += [
         f"{len(results)} runs; machine(s): {'; '.join(machines) or 'not recorded'}; "
         f"report: [{other.name}/README.md](../{other.name}/README.md).",
@@ -547,7 +549,7 @@ def companion(path: Path, reports: Path) -> list[str]:
     ]
     if missing:
         lines += [
-            f"**Not finished:** {missing} of the {wanted} runs it plans so far have not run; verdicts may change.",
+            f"**Not finished:** {missing} of the {len(wanted)} runs it plans so far have not run; verdicts may change.",
             "",
         ]
     return lines + verdict_rows(other, table, evaluate(other, table))
@@ -565,12 +567,12 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     machines = sorted({r.get("machine", "") for r in results} - {""})
     hours = sum(r["seconds"] for r in results) / 3600
     verdicts = evaluate(study, table)
-    _, notes = plan(study, results)
-    missing, wanted = missing_runs(study, results)
+    wanted, notes = plan(study, results)
+    missing = missing_runs(wanted, results)
     lines = [f"# Ablation study: {study.name}", ""]
     if missing:
         lines += [
-            f"**Interim report: the study is not finished.** {missing} of the {wanted} runs it plans so far "
+            f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "
             "have not run (and finishing them may add rounds). The verdicts below are from the runs so far and "
             f"may change: run `python -m shakespeare_gpt.tools.ablate {study_file}` to go on.",
             "",
