@@ -318,7 +318,7 @@ def test_the_report_shows_each_verdict_with_its_numbers(tmp_path):
     assert row.startswith(
         "| 4 | a beats b. | **supported** | a vs b, val lower, at best lrs (0.001, 0.001): d = -0.1000 ["
     )
-    assert "a 1.9000+-0.0050 at lr 0.001 (n=3) - b 2.0000+-0.0050 at lr 0.001 (n=3)" in row
+    assert "a 1.9000 (sd 0.0050, n=3) at lr 0.001 - b 2.0000 (sd 0.0050, n=3) at lr 0.001" in row
     assert "this report written at `abc123`" in text and "Study file sha256 `" in text
 
 

@@ -214,7 +214,7 @@ class Verdict:
 def _point_text(table: Table, v: str, lr: float, metric: str) -> str:
     p = table[v][lr]
     mean, sd = (p.val, p.val_sd) if metric != "gap" else (p.gap, p.gap_sd)
-    return f"{v} {mean:.4f}+-{sd:.4f} at lr {lr:g} (n={p.n})"
+    return f"{v} {mean:.4f} (sd {sd:.4f}, n={p.n}) at lr {lr:g}"
 
 
 def compare(table: Table, part: Comparison, margin: float | None) -> list[Test]:
@@ -494,11 +494,12 @@ def plot(table: Table, out: Path) -> list[str]:
         fig, ax = plt.subplots(figsize=(8, 0.4 * len(variants) + 1))
         pts = [table[v][best_lr(table[v])] for v in variants]
         means = [p.val if metric == "val" else p.gap for p in pts]
-        ax.barh(variants, means, xerr=[ci(p.samples(metric)) for p in pts], capsize=3)
+        errors = [ci(p.samples(metric)) for p in pts]
+        ax.barh(variants, means, xerr=errors, capsize=3)
         ax.invert_yaxis()
         ax.set_xlabel(label)
         if metric == "val":
-            ax.set_xlim(min(means) - 0.1, max(means) + 0.05)
+            ax.set_xlim(min(means) - 0.1, max(m + e for m, e in zip(means, errors, strict=True)) + 0.05)
         ax.grid(axis="x", alpha=0.3)
         fig.tight_layout()
         fig.savefig(out / name, dpi=100)
@@ -615,7 +616,7 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "## Each variant at its best learning rate",
         "",
         "A best lr marked *edge* lies at an end of the variant's grid: it might do better beyond it. "
-        "Intervals are 95% t intervals of the mean over seeds.",
+        "Mean +- standard deviation over seeds (the plots' bars are 95% t intervals of the mean).",
         "",
         "| variant | best lr | seeds | best val loss | final val | best train | final train | gap | unigram loss |",
         "|---|---|---|---|---|---|---|---|---|",
