@@ -300,10 +300,16 @@ def test_planning_to_the_end_never_drops_a_finished_run(tmp_path):
         for r in todo:
             (row,) = results({(r.variant, r.lr): [loss(r)]})
             done[r] = {**row, "seed": r.seed}
-    final, _ = plan(s, list(done.values()))
+    final, notes = plan(s, list(done.values()))
     assert set(done) <= set(final)  # nothing finished is dropped
     assert max(r.seed for r in done) >= 3  # the straddling interval did get more seeds
     assert set(final) == set(done)  # and the plan came to rest
+    # The report still says why those seeds were run, though their interval no longer straddles.
+    assert not any("straddles" in n for n in notes)
+    assert notes[-1] == (
+        "more seeds for a lr 0.003, b lr 0.003: an interval behind them straddled its threshold in an earlier "
+        "round; with those seeds it no longer does"
+    )
 
 
 def test_the_report_shows_each_verdict_with_its_numbers(tmp_path):

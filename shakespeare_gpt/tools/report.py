@@ -325,14 +325,24 @@ def plan(study: Study, results: list[dict]) -> tuple[list[Run], list[str]]:
         more = list(study.seeds)
         while len(more) < study.max_seeds:
             more.append(max(more) + 1)
+        straddling: set[tuple[str, float]] = set()
         for verdict in evaluate(study, table):
             for t in verdict.tests:
                 if t.verdict == "inconclusive":
                     runs |= {Run(v, lr, s) for v, lr in t.points for s in more}
+                    straddling |= set(t.points)
                     notes.append(
                         f"claim {verdict.claim.id}: the interval of {t.label} straddles its threshold: "
                         f"{len(more)} seeds for {', '.join(f'{v} lr {lr:g}' for v, lr in t.points)}"
                     )
+        # Extra seeds a straddling interval asked for in an earlier round, which they then settled.
+        settled = {(v, lr) for v, lr, seed in done if v in study.variants and seed not in study.seeds} - straddling
+        if settled:
+            points = ", ".join(f"{v} lr {lr:g}" for v, lr in sorted(settled))
+            notes.append(
+                f"more seeds for {points}: an interval behind them straddled its threshold in an earlier round; "
+                "with those seeds it no longer does"
+            )
     return sorted(runs, key=lambda r: (list(study.variants).index(r.variant), r.lr, r.seed)), notes
 
 
