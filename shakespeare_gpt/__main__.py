@@ -6,7 +6,8 @@ and narrowly: ``quiet_third_party`` drops warnings and log lines that do not app
 
 import torch
 
-from .cli import cli_main, quiet_third_party
+from .cli import cli_main
+from .utils import quiet_third_party
 
 
 def main() -> None:

@@ -7,7 +7,6 @@ Lightning's own callbacks are used where one does the job (``ModelCheckpoint``,
 
 from __future__ import annotations
 
-import os
 import signal
 import sys
 import threading
@@ -22,12 +21,8 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from .errors import NonFiniteLossError, UserError
-
-try:
-    import fcntl
-except ImportError:  # Windows: runs are not locked
-    fcntl = None
+from .checkpoints import lock_run
+from .utils import NonFiniteLossError, UserError, atomic_open
 
 
 def fitting(trainer) -> bool:
@@ -61,11 +56,8 @@ class SampleWriter(Callback):
     def on_predict_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:
             return
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.part")
-        body = "".join(f"----- sample {i} -----\n{text}\n" for i, text in enumerate(self.samples, 1))
-        tmp.write_text(body, encoding="utf-8")
-        os.replace(tmp, self.path)
+        with atomic_open(self.path) as f:
+            f.writelines(f"----- sample {i} -----\n{text}\n" for i, text in enumerate(self.samples, 1))
         sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
 
 
@@ -337,9 +329,12 @@ class InterruptCheckpoint(Callback):
 def validates_after_this_step(trainer) -> bool:
     """Whether Lightning runs a validation pass at the end of the training step now ending.
 
-    Lightning's rules for validation every ``val_check_interval`` batches, in the whole run or
-    within epochs. For validation on a timer this answers True: a signal then waits for the next
-    validation's end.
+    Lightning 2.6's own rule (private, in its training epoch loop), restated: validation every
+    ``val_check_interval`` batches, in the whole run or within epochs; on a timer this answers True
+    (a signal then waits for the next validation's end). Lightning's public way to stop,
+    ``trainer.should_stop``, cannot replace it: it forces a validation at the stop, which the run
+    that never stopped does not have. So pyproject.toml pins ``lightning`` to 2.6, and the
+    real-signal tests (tests/e2e/test_interrupts.py) guard this rule.
     """
     interval, loop = trainer.val_check_batch, trainer.fit_loop
     if not trainer.enable_validation:
@@ -381,24 +376,3 @@ class RunLock(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
-
-
-def lock_run(folder: Path, create: bool = True):
-    """Lock ``folder/.lock`` and return its open file, or raise ``UserError`` if another process holds it.
-
-    With ``create=False`` a folder without a lock file is not locked (nothing is written); the
-    caller only learns whether the run is free.
-    """
-    path = folder / ".lock"
-    if fcntl is None or not (create or path.exists()):
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(path, "a+")  # noqa: SIM115 (held open for the whole run: the lock lives as long as the file)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.close()
-        raise UserError(
-            f"{folder} is being written by another fit right now: wait for it to finish, or stop it first"
-        ) from None
-    return handle

@@ -1,106 +1,75 @@
-"""The corpus (tiny Shakespeare, bundled; or any text), its characters, and windows of it in batches."""
+"""The corpus (tiny Shakespeare, bundled; or any text), and windows of its tokens in batches.
+
+The text is encoded by the tokenizer of the model being trained or scored (the model owns it:
+see ``tokenizer.py``); what the data decides is the corpus, its split, and which windows go in
+which batch.
+"""
 
 from __future__ import annotations
 
 import functools
 import gzip
 import hashlib
-import os
-import re
-import tempfile
-import time
-import urllib.error
-import urllib.parse
-import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import lightning as L
 import torch
+import urllib3
+from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_string_type
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .errors import UserError, check_whole, check_writable
-from .sampling import Sampling
+from .utils import UserError, atomic_open, check_writable
 
 BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
 BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
 URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # its source
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
-SIZE = 1_115_394
-KNOWN_SIZES = {SHA256: SIZE}  # a size mismatch is reported before hashing: "truncated" is clearer
+KNOWN_SIZES = {SHA256: 1_115_394}  # a size mismatch is reported before hashing: "truncated" is clearer
 TRAIN_FRACTION = 0.9  # first 90% train, last 10% val, as in the lecture
+Sha256 = restricted_string_type("Sha256", r"^[0-9a-f]{64}$")  # as sha256sum prints it
+# A failed connection or a server error (5xx) is tried 3 times in all; a 404 or a wrong file is not.
+RETRIES = urllib3.Retry(total=2, backoff_factor=2.0, status_forcelist=(500, 502, 503, 504), raise_on_status=False)
 
 
-def sha256_of(path: Path) -> str:
-    return hashlib.sha256(path.read_bytes()).hexdigest()
-
-
-def download(url: str, dest: Path, sha256: str | None = None, timeout: float = 30.0) -> None:
-    """Fetch ``url`` into ``dest``, which appears only once its size and sha256 are right.
-
-    The bytes go to a temporary file beside ``dest`` and are renamed into place after the
-    check, so an interrupted or corrupted download never leaves a file a later run would trust.
-    """
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp_name = tempfile.mkstemp(prefix=f".{dest.name}.", suffix=".part", dir=dest.parent)
-    tmp = Path(tmp_name)
+def download(url: str, dest: Path, sha256: str | None = None, retries: urllib3.Retry = RETRIES) -> None:
+    """Fetch ``url`` into ``dest``, which appears only once complete and, given ``sha256``, verified."""
     try:
-        with os.fdopen(fd, "wb") as f, urllib.request.urlopen(url, timeout=timeout) as response:
-            while chunk := response.read(1 << 16):
+        response = urllib3.request("GET", url, preload_content=False, retries=retries, timeout=30.0)
+        if response.status != 200:
+            raise urllib3.exceptions.HTTPError(f"HTTP status {response.status}")
+        digest = hashlib.sha256()
+        with atomic_open(dest, "wb") as f:
+            for chunk in response.stream(1 << 16):
+                digest.update(chunk)
                 f.write(chunk)
-        got_size, size = tmp.stat().st_size, KNOWN_SIZES.get(sha256)
-        if size is not None and got_size != size:
-            raise UserError(f"download from {url} has {got_size} bytes, expected {size}; nothing was saved")
-        got_sha = sha256_of(tmp)
-        if sha256 is not None and got_sha != sha256:
-            raise UserError(f"download from {url} has sha256 {got_sha}, expected {sha256}; nothing was saved")
-        os.replace(tmp, dest)
-    finally:
-        tmp.unlink(missing_ok=True)
+            got_size, size = f.tell(), KNOWN_SIZES.get(sha256)
+            if size is not None and got_size != size:
+                raise UserError(f"download from {url} has {got_size} bytes, expected {size}; nothing was saved")
+            if sha256 is not None and digest.hexdigest() != sha256:
+                raise UserError(
+                    f"download from {url} has sha256 {digest.hexdigest()}, expected {sha256}; nothing saved"
+                )
+    except urllib3.exceptions.HTTPError as e:
+        raise UserError(
+            f"could not download {url} ({getattr(e, 'reason', None) or e}); download it yourself and pass its path "
+            "as --data.corpus, or use the bundled --data.corpus tinyshakespeare"
+        ) from None
 
 
-def ensure_download(
-    url: str, cache_dir: str | Path, sha256: str | None = None, attempts: int = 3, backoff: float = 2.0
-) -> Path:
-    """The local copy of ``url`` in ``cache_dir``, downloaded (and verified, given ``sha256``) if absent.
-
-    The file is named after the URL, so two corpora never share a copy, and a verified copy is
-    used with no network. A failed connection or a timeout is retried ``attempts`` times in all,
-    waiting ``backoff``, then twice as long, between tries; a download with the wrong contents is
-    not retried.
-    """
-    name = Path(urllib.parse.urlparse(url).path).name or "corpus.txt"
-    key = hashlib.blake2b(url.encode(), digest_size=4).hexdigest()
-    path = Path(cache_dir) / f"{key}-{name}"
-    if path.exists():
-        return path
-    check_writable(path.parent, "--data.cache_dir")
-    created = not path.parent.exists()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    try:
-        return _download_with_retries(url, path, sha256, attempts, backoff)
-    finally:
-        if created and not any(path.parent.iterdir()):
-            path.parent.rmdir()  # a failed first download leaves no empty folder behind
-
-
-def _download_with_retries(url: str, path: Path, sha256: str | None, attempts: int, backoff: float) -> Path:
-    for attempt in range(attempts):
+def cached_download(url: str, cache_dir: str | Path, sha256: str | None = None, **kwargs) -> Path:
+    """The local copy of ``url`` in ``cache_dir``, downloaded (and verified) if absent; named after the URL."""
+    name = Path(urllib3.util.parse_url(url).path or "").name or "corpus.txt"
+    path = Path(cache_dir) / f"{hashlib.blake2b(url.encode(), digest_size=4).hexdigest()}-{name}"
+    if not path.exists():
+        check_writable(path.parent, "--data.cache_dir")
+        created = not path.parent.exists()
         try:
-            download(url, path, sha256)
-            return path
-        except (urllib.error.URLError, OSError) as e:
-            permanent = isinstance(e, urllib.error.HTTPError) and e.code < 500  # 404 will not heal
-            if attempt + 1 < attempts and not permanent:
-                time.sleep(backoff * 2**attempt)
-                continue
-            reason = getattr(e, "reason", e)
-            tries = f"after {attempt + 1} tries" if attempt else "at the first try"
-            raise UserError(
-                f"could not download {url} {tries} ({reason}); download it yourself and pass its path "
-                "as --data.corpus, or use the bundled --data.corpus tinyshakespeare"
-            ) from e
-    raise AssertionError("unreachable")
+            download(url, path, sha256, **kwargs)
+        finally:
+            if created and path.parent.exists() and not any(path.parent.iterdir()):
+                path.parent.rmdir()  # a failed first download leaves no empty folder behind
+    return path
 
 
 def bundled_text() -> str:
@@ -122,7 +91,7 @@ def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = 
             raise UserError(f"--data.sha256 {sha256} is not the bundled tiny Shakespeare's ({SHA256}): drop it")
         return bundled_text()
     if corpus.startswith(("http://", "https://")):
-        path = ensure_download(corpus, cache_dir, sha256)
+        path = cached_download(corpus, cache_dir, sha256)
     else:
         path = Path(corpus).expanduser()
         if not path.is_file():
@@ -165,40 +134,6 @@ def shortest_corpus(block_size: int) -> int:
     return n
 
 
-class CharTokenizer:
-    """Maps each character of a fixed vocabulary to its index and back."""
-
-    def __init__(self, vocab: str) -> None:
-        if not vocab or len(set(vocab)) != len(vocab):
-            raise UserError(f"a vocabulary must be a non-empty string of distinct characters, got {vocab!r}")
-        self.vocab = vocab
-        self.stoi = {ch: i for i, ch in enumerate(vocab)}
-
-    @classmethod
-    def from_text(cls, text: str) -> CharTokenizer:
-        return cls("".join(sorted(set(text))))
-
-    def __len__(self) -> int:
-        return len(self.vocab)
-
-    def encode(self, text: str) -> list[int]:
-        try:
-            return [self.stoi[ch] for ch in text]
-        except KeyError:
-            unknown = sorted(set(text) - set(self.vocab))
-            raise UserError(
-                f"characters not in the model's vocabulary: {''.join(unknown)!r}; use only these: {self.vocab!r}"
-            ) from None
-
-    def decode(self, ids: list[int]) -> str:
-        return "".join(self.vocab[i] for i in ids)
-
-    def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of ``text``, and how many characters each accounts for: one, for characters."""
-        ids = torch.tensor(self.encode(text), dtype=torch.long)
-        return ids, torch.ones_like(ids)
-
-
 def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """The datasets below build whole batches themselves; nothing is left to collate."""
     return batch
@@ -212,8 +147,6 @@ class TrainWindows(Dataset):
     """
 
     def __init__(self, data: torch.Tensor, block_size: int) -> None:
-        if len(data) < block_size + 1:
-            raise UserError(f"the train split has {len(data)} tokens, fewer than block_size + 1 = {block_size + 1}")
         self.data = data
         self.offsets = torch.arange(block_size + 1, device=data.device)
 
@@ -340,106 +273,66 @@ class ShakespeareDataModule(L.LightningDataModule):
             there and never copied from the host. The whole corpus is 9 MB as int64.
         eval_train: at each validation also pass over a val-sized stretch of the train split in
             eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
-        vocab: fixed characters to encode with; by default the sorted characters of the corpus.
-            Predicting from a checkpoint fills this in from the checkpoint, so no corpus is needed.
-
-    A model with a tokenizer of its own (``PretrainedLM``) encodes the text with it: the CLI sets
-    ``tokenizer`` to the model's before anything is read.
     """
 
     def __init__(
         self,
         corpus: str = BUNDLED,
-        sha256: str | None = None,
+        sha256: Sha256 | None = None,
         cache_dir: str = "data",
-        block_size: int = 256,
-        batch_size: int = 64,
-        val_batch_size: int | None = None,
-        num_workers: int = 0,
+        block_size: PositiveInt = 256,
+        batch_size: PositiveInt = 64,
+        val_batch_size: PositiveInt | None = None,
+        num_workers: NonNegativeInt = 0,
         on_device: bool = False,
         eval_train: bool = False,
-        vocab: str | None = None,
     ) -> None:
         super().__init__()
-        for flag, value, least in [
-            ("--model.block_size", block_size, 1),  # the CLI links it from the model's
-            ("--data.batch_size", batch_size, 1),
-            ("--data.val_batch_size", val_batch_size, 1),
-            ("--data.num_workers", num_workers, 0),
-        ]:
-            if value is not None:
-                check_whole(flag, value, least)
-        if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
-            raise UserError(f"--data.sha256 {sha256!r}: give 64 lowercase hex digits, as sha256sum prints them")
-        self.save_hyperparameters(ignore=["vocab"])
-        self.corpus = corpus
-        self.sha256 = sha256
-        self.cache_dir = cache_dir
-        self.block_size = block_size
-        self.batch_size = batch_size
+        self.save_hyperparameters()
+        self.corpus, self.sha256, self.cache_dir = corpus, sha256, cache_dir
+        self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers
-        self.on_device = on_device
-        self.eval_train = eval_train
-        self.sampling = Sampling()  # what ``predict`` draws; the CLI sets it from ``--sample.*``
-        self._vocab = vocab
-        self._text: str | None = None
+        self.num_workers, self.on_device, self.eval_train = num_workers, on_device, eval_train
+        self.sampling = None  # what ``predict`` draws (a ``sampling.Sampling``); the CLI sets it from --sample.*
         # Set by ``setup``: each split's token ids, and the characters each token accounts for.
-        self.train_data: torch.Tensor | None = None
-        self.train_chars: torch.Tensor | None = None
-        self.val_data: torch.Tensor | None = None
-        self.val_chars: torch.Tensor | None = None
+        self.train_data = self.train_chars = self.val_data = self.val_chars = None
+
+    @functools.cached_property
+    def text(self) -> str:
+        """The whole corpus, read (and checked: long enough for one window in each split) once."""
+        text = read_corpus(self.corpus, self.sha256, self.cache_dir)
+        if len(text) < (need := shortest_corpus(self.block_size)):
+            raise UserError(
+                f"the corpus {self.corpus} has {len(text)} characters: too short for one window of "
+                f"block_size + 1 = {self.block_size + 1} in each split (90% train, 10% val); give at least "
+                f"{need} characters, or a smaller --model.block_size"
+            )
+        return text
 
     @property
     def vocab(self) -> str:
-        """The characters the model is built for; reading it reads the corpus if needed."""
-        if self._vocab is None:
-            self._vocab = CharTokenizer.from_text(self.text).vocab
-        return self._vocab
+        """The corpus's characters, sorted: the vocabulary of a character model trained on it."""
+        return "".join(sorted(set(self.text)))
 
-    @functools.cached_property
-    def tokenizer(self):
-        """Characters of ``vocab``, unless a model's own tokenizer is set here."""
-        return CharTokenizer(self.vocab)
-
-    @property
-    def text(self) -> str:
-        """The whole corpus, read (and checked: long enough for one window in each split) once."""
-        if self._text is None:
-            text = read_corpus(self.corpus, self.sha256, self.cache_dir)
-            if len(text) < (need := shortest_corpus(self.block_size)):
-                raise UserError(
-                    f"the corpus {self.corpus} has {len(text)} characters: too short for one window of "
-                    f"block_size + 1 = {self.block_size + 1} in each split (90% train, 10% val); give at least "
-                    f"{need} characters, or a smaller --model.block_size"
-                )
-            self._text = text
-        return self._text
-
-    @functools.cached_property
-    def encoded(self) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
-        """Each split as token ids and the characters each token accounts for, on the host; encoded once."""
+    def setup(self, stage: str, tokenizer=None) -> None:
+        """Encode both splits with ``tokenizer``, by default the tokenizer of the model being run."""
+        if stage == "predict":
+            return
+        tokenizer = tokenizer or self.trainer.lightning_module.tokenizer
         n = int(TRAIN_FRACTION * len(self.text))
-        splits = {}
+        device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
         for name, text in (("train", self.text[:n]), ("val", self.text[n:])):
             try:
-                splits[name] = ids, _ = self.tokenizer.encode_with_chars(text)
+                ids, chars = tokenizer.encode_with_chars(text)
             except UserError as e:
-                raise UserError(f"the corpus {self.corpus} does not fit the checkpoint: {e}") from None
+                raise UserError(f"the corpus {self.corpus} does not fit the model: {e}") from None
             if len(ids) < self.block_size + 1:
                 raise UserError(
                     f"the corpus {self.corpus}'s {name} split is {len(ids)} tokens: too short for one window of "
                     f"block_size + 1 = {self.block_size + 1}; give a longer text, or a smaller --model.block_size"
                 )
-        return splits
-
-    def setup(self, stage: str) -> None:
-        if stage == "predict":
-            return
-        device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
-        (self.train_data, self.train_chars), (self.val_data, self.val_chars) = (
-            tuple(t.to(device) for t in self.encoded[name]) for name in ("train", "val")
-        )
+            setattr(self, f"{name}_data", ids.to(device))
+            setattr(self, f"{name}_chars", chars.to(device))
 
     def train_dataloader(self) -> DataLoader:
         windows = TrainWindows(self.train_data, self.block_size)
@@ -475,13 +368,9 @@ class ShakespeareDataModule(L.LightningDataModule):
         return self._eval_loader(self.val_data, self.val_chars)
 
     def _eval_loader(self, data: torch.Tensor, chars: torch.Tensor) -> DataLoader:
-        return DataLoader(
-            ValWindows(data, self.block_size, chars),
-            batch_size=self.val_batch_size,
-            shuffle=False,
-            collate_fn=_batch_as_is,
-        )
+        windows = ValWindows(data, self.block_size, chars)
+        return DataLoader(windows, batch_size=self.val_batch_size, shuffle=False, collate_fn=_batch_as_is)
 
     def predict_dataloader(self) -> DataLoader:
-        """One batch: ``num_samples`` copies of the prompt, with the sampling settings."""
-        return DataLoader([self.sampling.request(self.tokenizer)], batch_size=None)
+        """One batch: the sampling settings, which the model's ``predict_step`` turns into samples."""
+        return DataLoader([self.sampling], batch_size=None, collate_fn=_batch_as_is)

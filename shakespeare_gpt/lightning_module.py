@@ -11,61 +11,77 @@ interrupts, the NaN guard, the random state of a resumed run) is a callback: see
 
 from __future__ import annotations
 
+import inspect
 import math
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Literal
 
 import lightning as L
 import torch
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
 from torch.nn import functional as F
 from torchmetrics import SumMetric
 
-from .data import CharTokenizer
-from .errors import UserError
 from .model import GPT, GPTConfig
 from .sampling import generate
+from .tokenizer import CharTokenizer
+from .utils import Fraction, UserError, builtin_fields
 
 
-def check_optimizer(learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2) -> None:
-    """A one-line ``UserError`` for optimiser and schedule settings that cannot train."""
+@dataclass
+class Recipe:
+    """How a model is trained: AdamW, a linear warmup, then a constant or cosine learning rate.
 
-    def finite(x) -> bool:
-        return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+    Declared once, for every model class: the command line takes each field as ``--model.<field>``.
 
-    def whole(x) -> bool:
-        return isinstance(x, int) and not isinstance(x, bool)
+    Attributes:
+        learning_rate: peak AdamW learning rate.
+        lr_schedule: ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.
+        min_lr: learning rate at the end of the cosine decay.
+        warmup_steps: linear warmup from 0 over this many steps.
+        decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
+        weight_decay: AdamW weight decay, applied to matrices only (not biases or norm gains).
+        beta1: AdamW beta1.
+        beta2: AdamW beta2.
+    """
 
-    checks = [
-        ("learning_rate", learning_rate, finite(learning_rate) and learning_rate > 0, "give a number > 0, e.g. 1e-3"),
-        ("lr_schedule", lr_schedule, lr_schedule in ("constant", "cosine"), "give constant or cosine"),
-        (
-            "min_lr",
-            min_lr,
-            finite(min_lr) and min_lr >= 0 and (lr_schedule != "cosine" or min_lr <= learning_rate),
-            f"give a number from 0 to --model.learning_rate ({learning_rate}): the cosine schedule decays to it",
-        ),
-        ("warmup_steps", warmup_steps, whole(warmup_steps) and warmup_steps >= 0, "give a whole number >= 0"),
-        (
-            "decay_steps",
-            decay_steps,
-            decay_steps is None or (whole(decay_steps) and decay_steps >= 1),
-            "give a whole number >= 1, or null for --trainer.max_steps",
-        ),
-        ("weight_decay", weight_decay, finite(weight_decay) and weight_decay >= 0, "give a number >= 0"),
-        ("beta1", beta1, finite(beta1) and 0 <= beta1 < 1, "give a number in [0, 1), e.g. 0.9"),
-        ("beta2", beta2, finite(beta2) and 0 <= beta2 < 1, "give a number in [0, 1), e.g. 0.99"),
-    ]
-    for name, value, ok, what in checks:
-        if not ok:
-            raise UserError(f"--model.{name} {value!r}: {what}")
+    learning_rate: PositiveFloat = 3e-4
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    min_lr: NonNegativeFloat = 0.0
+    warmup_steps: NonNegativeInt = 0
+    decay_steps: PositiveInt | None = None
+    weight_decay: NonNegativeFloat = 0.01
+    beta1: Fraction = 0.9
+    beta2: Fraction = 0.999
+
+    def __post_init__(self) -> None:  # the types check each field; this, what they cannot
+        builtin_fields(self)
+        if self.lr_schedule == "cosine" and self.min_lr > self.learning_rate:
+            raise UserError(
+                f"--model.min_lr {self.min_lr}: give a number from 0 to --model.learning_rate "
+                f"({self.learning_rate}): the cosine schedule decays to it"
+            )
+
+    def lr_factor(self, step: int, max_steps: int) -> float:
+        """Multiplier of the peak learning rate at ``step``: linear warmup, then constant or cosine."""
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        if self.lr_schedule == "constant":
+            return 1.0
+        total = self.decay_steps or max_steps
+        if total <= 0:
+            raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
+        progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
+        min_factor = self.min_lr / self.learning_rate
+        return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
 class LanguageModel(L.LightningModule):
-    """What every model here shares: AdamW with warmup and a constant or cosine schedule, the val
-    loss and bits per character, and sampling in ``predict``.
+    """What every model here shares: the training recipe, the val loss and bits per character, and
+    sampling in ``predict``.
 
-    A subclass sets ``self.tokenizer`` (``encode``, ``decode``, ``len``) and defines ``logits``
-    and ``generate``; its init args are saved by its own ``save_hyperparameters()``.
+    A subclass sets ``self.tokenizer`` (``encode``, ``decode``, ``len``, ``encode_with_chars``) and
+    defines ``logits`` and ``generate``; it saves its settings with ``save_settings``.
 
     Bits per character (``val/bpc``): the val split's total negative log-likelihood in bits
     divided by the number of characters it covers. The data's ``ValWindows`` score every token
@@ -74,22 +90,9 @@ class LanguageModel(L.LightningModule):
     therefore ``val/loss / ln 2``, and any tokenizer's is comparable with it.
     """
 
-    def __init__(
-        self,
-        learning_rate: float,
-        lr_schedule: str,
-        min_lr: float,
-        warmup_steps: int,
-        decay_steps: int | None,
-        weight_decay: float,
-        beta1: float,
-        beta2: float,
-        sample_tokens: int,
-    ) -> None:
+    def __init__(self, recipe: Recipe) -> None:
         super().__init__()
-        check_optimizer(learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2)
-        if isinstance(sample_tokens, bool) or not isinstance(sample_tokens, int) or sample_tokens < 0:
-            raise UserError(f"--model.sample_tokens {sample_tokens!r}: give a number of tokens >= 0 (0: none)")
+        self.recipe = recipe
         # Sums over the pass, synchronised across processes: nats, scored tokens, their characters.
         self.eval_sums = torch.nn.ModuleDict(
             {
@@ -98,6 +101,12 @@ class LanguageModel(L.LightningModule):
                 for what in ("nll", "tokens", "chars")
             }
         )
+
+    def save_settings(self, **settings) -> None:
+        """Save the subclass's init args as ``hparams``, with ``settings`` (defaults included): the
+        checkpoint then describes the model exactly."""
+        self.save_hyperparameters(frame=inspect.currentframe().f_back)
+        self.hparams.update(settings)
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         """(B, T, vocab) next-token logits for (B, T) token ids."""
@@ -155,93 +164,70 @@ class LanguageModel(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.eval_metrics("val", "test"))
 
-    def predict_step(self, batch: dict, batch_idx: int) -> list[str]:
-        g = torch.Generator(device=self.device).manual_seed(batch["seed"])
-        out = self.generate(batch["idx"], batch["max_new_tokens"], batch["temperature"], batch["top_k"], g)
+    def predict_step(self, batch, batch_idx: int) -> list[str]:
+        """Samples drawn as ``batch``, the ``--sample.*`` settings (a ``sampling.Sampling``), asks."""
+        idx = batch.encode(self.tokenizer).to(self.device)
+        g = torch.Generator(device=self.device).manual_seed(batch.seed)
+        out = self.generate(idx, batch.max_new_tokens, batch.temperature, batch.top_k, g)
         return [self.tokenizer.decode(row) for row in out.tolist()]
 
     def configure_optimizers(self):
-        hp = self.hparams
+        r = self.recipe
         # Weight decay only on matrices (linear and embedding weights), never on biases or norm gains.
         params = [p for p in self.parameters() if p.requires_grad]
         groups = [
-            {"params": [p for p in params if p.dim() >= 2], "weight_decay": hp.weight_decay, "name": "decayed"},
+            {"params": [p for p in params if p.dim() >= 2], "weight_decay": r.weight_decay, "name": "decayed"},
             {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0, "name": "not_decayed"},
         ]
         # The fused kernel (CUDA and CPU) is one call for all tensors instead of a dozen per tensor.
-        optimizer = torch.optim.AdamW(groups, lr=hp.learning_rate, betas=(hp.beta1, hp.beta2), fused=True)
-        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, self.lr_factor)
+        optimizer = torch.optim.AdamW(groups, lr=r.learning_rate, betas=(r.beta1, r.beta2), fused=True)
+        scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: r.lr_factor(step, self.trainer.max_steps))
         # LearningRateMonitor draws train/lr/<group name>.
         return {
             "optimizer": optimizer,
             "lr_scheduler": {"scheduler": scheduler, "interval": "step", "name": "train/lr"},
         }
 
-    def lr_factor(self, step: int) -> float:
-        """Multiplier of the peak learning rate at ``step``: linear warmup, then constant or cosine."""
-        hp = self.hparams
-        if step < hp.warmup_steps:
-            return (step + 1) / hp.warmup_steps
-        if hp.lr_schedule == "constant":
-            return 1.0
-        total = hp.decay_steps or self.trainer.max_steps
-        if total is None or total <= 0:
-            raise UserError("a cosine schedule needs --model.decay_steps or --trainer.max_steps")
-        progress = min(1.0, (step - hp.warmup_steps) / max(1, total - hp.warmup_steps))
-        min_factor = hp.min_lr / hp.learning_rate
-        return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+@dataclass
+class CharModelSettings(GPTConfig, Recipe):
+    """The character model's settings: its architecture (``GPTConfig``) and its training recipe (``Recipe``)."""
+
+    def __post_init__(self) -> None:
+        GPTConfig.__post_init__(self)
+        Recipe.__post_init__(self)
 
 
 class ShakespeareGPT(LanguageModel):
     """A character-level GPT trained with AdamW.
 
-    Every init arg is a flat primitive saved in checkpoints, the vocabulary and the whole
+    Every setting is a flat primitive saved in checkpoints, the vocabulary and the whole
     architecture included, so a checkpoint rebuilds the model on its own.
 
     Args:
-        vocab: the characters the model reads and writes; the CLI links it from the data.
-        learning_rate: peak AdamW learning rate.
-        lr_schedule: ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.
-        min_lr: learning rate at the end of the cosine decay.
-        warmup_steps: linear warmup from 0 over this many steps.
-        decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
-        weight_decay: AdamW weight decay, applied to matrices only (not biases or norm gains).
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
+        vocab: the characters the model reads and writes; ``fit`` takes them from the data.
         sample_tokens: characters of sample text logged to TensorBoard at each validation (0: none).
         compile: ``torch.compile`` the network for training and validation; sampling stays eager
             (compiled generation recompiles for every new length). Parameter names do not change,
             so checkpoints move freely between compiled and eager models.
-        **arch: the architecture: the fields of ``GPTConfig`` (all but ``vocab_size``, which the
-            vocabulary decides), listed with their descriptions under ``--help``.
+        **settings: the architecture (``GPTConfig``'s fields, all but ``vocab_size``, which the
+            vocabulary decides) and the training recipe (``Recipe``'s fields), listed under ``--help``.
     """
 
     def __init__(
-        self,
-        vocab: str | None = None,
-        learning_rate: float = 3e-4,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        min_lr: float = 0.0,
-        warmup_steps: int = 0,
-        decay_steps: int | None = None,
-        weight_decay: float = 0.01,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        sample_tokens: int = 200,
-        compile: bool = False,
-        **arch,
+        self, vocab: str | None = None, sample_tokens: NonNegativeInt = 200, compile: bool = False, **settings
     ) -> None:
         if vocab is None:
-            raise UserError("the model needs a vocabulary: train it through the CLI, which takes it from the data")
-        super().__init__(
-            learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2, sample_tokens
-        )
-        self.config = GPTConfig(vocab_size=len(vocab), **arch)
-        self.save_hyperparameters()
-        # Every field, defaults included: the checkpoint then describes this network exactly.
-        self.hparams.update({k: v for k, v in asdict(self.config).items() if k != "vocab_size"})
+            raise UserError(
+                "the character model needs a vocabulary: give --ckpt_path (a trained model carries its own); "
+                "fit takes it from the corpus"
+            )
+        config = CharModelSettings(vocab_size=len(vocab), **settings)
+        super().__init__(config)
+        self.save_settings(**{k: v for k, v in asdict(config).items() if k != "vocab_size"})
+        self.config = config
         self.tokenizer = CharTokenizer(vocab)
-        self.model = GPT(self.config)
+        self.model = GPT(config)
         self.flops_per_token = self.model.flops_per_token()  # for throughput and MFU
         self.compiled_forward = None
 

@@ -16,9 +16,10 @@ from typing import Literal
 
 import torch
 import torch.nn as nn
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from torch.nn import functional as F
 
-from .errors import UserError, check_whole
+from .utils import Fraction, UserError, builtin_fields
 
 Norm = Literal["pre", "post", "none"]
 Activation = Literal["relu", "gelu"]
@@ -30,7 +31,8 @@ class GPTConfig:
     """Architecture of the network. The defaults are the lecture's model (about 10.8M parameters).
 
     This is the one place a model field is declared: the LightningModule and the command line
-    (``--model.<field>``, described by the lines below) take their architecture arguments from it.
+    (``--model.<field>``, described by the lines below) take their architecture arguments from it,
+    and the command line refuses a value its type does not allow.
 
     Attributes:
         vocab_size: number of distinct characters; the data decides it.
@@ -48,12 +50,12 @@ class GPTConfig:
         tie_weights: share the token embedding matrix with the output head.
     """
 
-    vocab_size: int = 65
-    block_size: int = 256
-    n_layer: int = 6
-    n_head: int = 6
-    n_embd: int = 384
-    dropout: float = 0.2
+    vocab_size: PositiveInt = 65
+    block_size: PositiveInt = 256
+    n_layer: NonNegativeInt = 6
+    n_head: PositiveInt = 6
+    n_embd: PositiveInt = 384
+    dropout: Fraction = 0.2
     feed_forward: bool = True
     attn_proj: bool = True
     residual: bool = True
@@ -62,22 +64,13 @@ class GPTConfig:
     attention: AttentionImpl = "sdpa"
     tie_weights: bool = False
 
-    def __post_init__(self) -> None:
-        minimum = {"vocab_size": 1, "block_size": 1, "n_layer": 0, "n_head": 1, "n_embd": 1}
-        for name, least in minimum.items():
-            check_whole(f"--model.{name}", getattr(self, name), least)
+    def __post_init__(self) -> None:  # the types check each field; this, what they cannot
+        builtin_fields(self)
         if self.n_embd % self.n_head != 0:
             raise UserError(
                 f"--model.n_head {self.n_head} does not divide --model.n_embd {self.n_embd}: "
                 "choose them so that every head gets n_embd // n_head dimensions"
             )
-        if not 0.0 <= self.dropout < 1.0:
-            raise UserError(f"--model.dropout {self.dropout!r}: give a rate in [0, 1)")
-        choices = {"norm": Norm, "activation": Activation, "attention": AttentionImpl}
-        for name, kind in choices.items():
-            allowed = kind.__args__
-            if getattr(self, name) not in allowed:
-                raise UserError(f"--model.{name} {getattr(self, name)!r}: give one of {', '.join(allowed)}")
 
     def memory_bytes(self, batch_size: int = 0, training: bool = True) -> int:
         """A lower bound on the memory, in bytes, of this model and of one step on ``batch_size`` windows.

@@ -22,14 +22,15 @@ import logging
 import os
 import socket
 import urllib.parse
+from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
 
 import torch
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 
-from .errors import UserError
-from .lightning_module import LanguageModel
-from .sampling import check_sampling, sample_next
+from .lightning_module import LanguageModel, Recipe
+from .sampling import sample_next
+from .utils import UserError
 
 INSTALL_HINT = 'pip install "shakespeare-gpt[pretrained]" (transformers and tokenizers)'
 
@@ -118,8 +119,6 @@ def loading(name: str, what: str):
                 f"{name} is a folder without a loadable {what} (a saved Hugging Face model has config.json, weights "
                 "and tokenizer files, as save_pretrained writes them)"
             )
-        elif "Unrecognized configuration class" in reason:
-            fix = f"{name} is not a causal language model: give one that generates text (GPT-2, Falcon, Llama, ...)"
         else:
             fix = (
                 f"there is no folder {name} here, and the Hugging Face Hub has no model of that name that could be "
@@ -209,52 +208,31 @@ class PretrainedLM(LanguageModel):
     character, and ``predict`` samples from it; a model that is only prompted (zero-shot) needs
     no ``fit``: give ``validate`` or ``predict`` no ``--ckpt_path``.
 
-    The optimiser's defaults are the character model's (the CLI carries values over when a config
-    switches classes, so the two must agree); ``configs/gpt2_finetune.yaml`` sets a fine-tuning
-    recipe. A local folder is saved in checkpoints as an absolute path, so a fine-tuned checkpoint
-    finds its base model from any working directory; ``--model PretrainedLM --model.pretrained DIR``
-    tells it a new place.
+    A local folder is saved in checkpoints as an absolute path, so a fine-tuned checkpoint finds its
+    base model from any working directory; ``--model PretrainedLM --model.pretrained DIR`` tells it a
+    new place. ``configs/gpt2_finetune.yaml`` sets a fine-tuning recipe.
 
     Args:
         pretrained: a Hugging Face Hub name (``gpt2``, ``gpt2-medium``, ``tiiuae/falcon-7b``) or
             the path of a folder saved with ``save_pretrained`` (config, weights and tokenizer).
         block_size: tokens per training and validation window, at most the model's context.
-        learning_rate: peak AdamW learning rate.
-        lr_schedule: ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.
-        min_lr: learning rate at the end of the cosine decay.
-        warmup_steps: linear warmup from 0 over this many steps.
-        decay_steps: length of the cosine decay, warmup included (default: ``trainer.max_steps``).
-        weight_decay: AdamW weight decay, applied to matrices only (not biases or norm gains).
-        beta1: AdamW beta1.
-        beta2: AdamW beta2.
         sample_tokens: tokens of sample text logged to TensorBoard at each validation (0: none).
         trust_remote_code: run Python code that comes with the model (some Hub models need it).
             Off unless you trust its authors: loading such a model runs their code.
+        **recipe: the training recipe (``Recipe``'s fields), listed under ``--help``.
     """
 
     def __init__(
         self,
         pretrained: str = "gpt2",
-        block_size: int = 256,
-        learning_rate: float = 3e-4,
-        lr_schedule: Literal["constant", "cosine"] = "constant",
-        min_lr: float = 0.0,
-        warmup_steps: int = 0,
-        decay_steps: int | None = None,
-        weight_decay: float = 0.01,
-        beta1: float = 0.9,
-        beta2: float = 0.999,
-        sample_tokens: int = 200,
+        block_size: PositiveInt = 256,
+        sample_tokens: NonNegativeInt = 200,
         trust_remote_code: bool = False,
+        **recipe,
     ) -> None:
-        super().__init__(
-            learning_rate, lr_schedule, min_lr, warmup_steps, decay_steps, weight_decay, beta1, beta2, sample_tokens
-        )
-        self.save_hyperparameters()
-        # The CLI links the data's characters to every model's ``vocab``; a tokenizer needs none.
-        self.hparams.pop("vocab", None)
-        if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2:
-            raise UserError(f"--model.block_size {block_size!r}: give a whole number >= 2")
+        super().__init__(Recipe(**recipe))
+        self.save_settings(**asdict(self.recipe))
+        self.hparams.pop("vocab", None)  # fit links the corpus's characters to every model; a tokenizer needs none
         transformers = transformers_module()
         self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
         where = source(pretrained)
@@ -307,7 +285,6 @@ class PretrainedLM(LanguageModel):
         again, without a cache (the character model instead moves its window a quarter block at a
         time and refills its cache).
         """
-        check_sampling(max_new_tokens, temperature, top_k, self.model.config.vocab_size)
         was_training = self.model.training
         self.model.eval()
         past, context = None, self.context or float("inf")

@@ -10,22 +10,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
+from jsonargparse.typing import NonNegativeInt, NotEmptyStr, PositiveFloat, PositiveInt
 from torch.nn import functional as F
 
-from .errors import UserError
 from .model import GPT
-
-
-def check_sampling(max_new_tokens: int, temperature: float, top_k: int | None, vocab_size: int) -> None:
-    """Raise a one-line ``UserError`` for settings that cannot sample."""
-    if max_new_tokens < 0:
-        raise UserError(f"--sample.max_new_tokens {max_new_tokens}: give a number of tokens >= 0")
-    if not temperature > 0 or math.isinf(temperature):
-        raise UserError(f"--sample.temperature {temperature}: give a finite number > 0 (--sample.top_k 1 is greedy)")
-    if top_k is not None and not 1 <= top_k <= vocab_size:
-        raise UserError(
-            f"--sample.top_k {top_k}: give a number from 1 to the vocabulary size {vocab_size}, or null for all"
-        )
+from .utils import UserError
 
 
 @dataclass
@@ -41,36 +30,20 @@ class Sampling:
         seed: seed of the sampling random generator, so a predict run can be repeated exactly.
     """
 
-    prompt: str = "\n"
-    num_samples: int = 1
-    max_new_tokens: int = 500
-    temperature: float = 1.0
-    top_k: int | None = None
+    prompt: NotEmptyStr = "\n"
+    num_samples: PositiveInt = 1
+    max_new_tokens: NonNegativeInt = 500
+    temperature: PositiveFloat = 1.0
+    top_k: PositiveInt | None = None
     seed: int = 1337
 
-    def __post_init__(self) -> None:
-        if self.prompt == "":
-            raise UserError('--sample.prompt is empty: give at least one character, e.g. --sample.prompt "ROMEO:"')
-        if self.num_samples < 1:
-            raise UserError(f"--sample.num_samples {self.num_samples}: give a number >= 1")
-        if self.top_k is not None and self.top_k < 1:
-            raise UserError(f"--sample.top_k {self.top_k}: give a number >= 1 (1 is greedy), or null for all")
-        check_sampling(self.max_new_tokens, self.temperature, None, vocab_size=1)  # top_k: against the vocabulary
-
-    def request(self, tokenizer) -> dict:
-        """The predict batch: ``num_samples`` copies of the encoded prompt, and these settings."""
-        check_sampling(self.max_new_tokens, self.temperature, self.top_k, len(tokenizer))
+    def encode(self, tokenizer) -> torch.Tensor:
+        """(num_samples, T): the prompt encoded by ``tokenizer``, once per sample."""
         try:
             prompt = torch.tensor(tokenizer.encode(self.prompt), dtype=torch.long)
         except UserError as e:
             raise UserError(f"--sample.prompt {self.prompt!r}: {e}") from None
-        return {
-            "idx": prompt.repeat(self.num_samples, 1),
-            "max_new_tokens": self.max_new_tokens,
-            "temperature": self.temperature,
-            "top_k": self.top_k,
-            "seed": self.seed,
-        }
+        return prompt.repeat(self.num_samples, 1)
 
 
 def window_start(length: int, block_size: int) -> int:
@@ -136,7 +109,7 @@ def sample_next(
     """(B, 1) next tokens drawn from (B, vocab) logits, divided by ``temperature``, among the ``top_k`` likeliest."""
     logits = logits / temperature
     if top_k is not None:
-        kth = torch.topk(logits, top_k, dim=-1).values[:, [-1]]
+        kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits.float(), dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator)
@@ -169,7 +142,6 @@ def generate(
     Returns:
         (B, T + max_new_tokens) indices: the prompt followed by the sample.
     """
-    check_sampling(max_new_tokens, temperature, top_k, model.config.vocab_size)
     was_training = model.training
     model.eval()
     cache, cache_start = None, None

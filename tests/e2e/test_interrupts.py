@@ -28,9 +28,11 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from shakespeare_gpt.cli import cli_main
 
-from .conftest import TINY_TEXT, tiny_fit_args
+from ..conftest import TINY_TEXT, tiny_fit_args
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real processes: the slow tier
+
+ROOT = Path(__file__).resolve().parents[2]
 MAX_STEPS, VAL_EVERY = 24, 6
 # Dropout on, so that the random state matters as well as the data order.
 FIT = [*tiny_fit_args(Path("data"), MAX_STEPS, "--model.dropout=0.2", f"--trainer.val_check_interval={VAL_EVERY}")]

@@ -9,7 +9,6 @@ from __future__ import annotations
 import math
 import os
 import re
-import shlex
 import subprocess
 import sys
 import time
@@ -21,12 +20,11 @@ import torch
 pytest.importorskip("transformers")
 
 from shakespeare_gpt.cli import cli_main  # noqa: E402
-from shakespeare_gpt.tools import compare  # noqa: E402
 from shakespeare_gpt.tools.tiny_gpt2 import make_tiny_gpt2  # noqa: E402
 
-from .conftest import TINY_TEXT, tiny_fit_args  # noqa: E402
+from ..conftest import TINY_TEXT, tiny_fit_args  # noqa: E402
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIG = ROOT / "configs" / "gpt2_finetune.yaml"
 
 
@@ -340,70 +338,3 @@ def test_without_transformers_the_error_says_how_to_install_it(corpus_dir, tmp_p
         'error: pretrained models need the transformers package: pip install "shakespeare-gpt[pretrained]" '
         "(transformers and tokenizers)"
     )
-
-
-def test_compare_writes_a_report_of_every_model(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
-    monkeypatch.chdir(tmp_path)
-    cli_main(tiny_fit_args(corpus_dir, 4))  # a character model: lightning_logs/version_0
-    out = tmp_path / "reports" / "compare.md"
-    argv = [
-        "char=lightning_logs",
-        f"tiny GPT-2={tiny_gpt2}",
-        f"--corpus={corpus_dir / 'input.txt'}",
-        "--block-size=32",
-        "--max-new-tokens=20",
-        "--prompt=All:",
-        f"--out={out}",
-        "--accelerator=cpu",
-    ]
-    compare.main(argv)
-    text = out.read_text()
-    assert "| char | ShakespeareGPT |" in text and "| tiny GPT-2 | PretrainedLM, zero-shot |" in text
-    rows = [line for line in text.splitlines() if line.startswith("| char |") or line.startswith("| tiny GPT-2 |")]
-    for row in rows:
-        bpc = float(row.split("|")[6])
-        assert 0 < bpc < 10
-    assert text.count("<pre>All:") == 2
-    # The report's commands are the CLI's: the validate line of the GPT-2 runs as written, and
-    # each predict line draws the very sample shown.
-    line = next(x for x in text.splitlines() if x.startswith("shakespeare-gpt validate --model"))
-    result = run_cli(shlex.split(line)[1:], dict(os.environ), tmp_path)
-    assert result.returncode == 0, result.stderr[-500:]
-    for line in (x for x in text.splitlines() if x.startswith("shakespeare-gpt predict")):
-        result = run_cli(
-            [*shlex.split(line)[1:], f"--writer.path={tmp_path / 'drawn.txt'}"], dict(os.environ), tmp_path
-        )
-        assert result.returncode == 0, result.stderr[-500:]
-        sample = result.stdout.split("----- sample 1 -----\n", 1)[1].rsplit("\nwrote 1 sample(s)", 1)[0]
-        assert f"<pre>{compare.escape(sample)}</pre>" in text
-
-
-@pytest.mark.parametrize(
-    "argv,message",
-    [
-        ([], "the following arguments are required: MODEL"),
-        (
-            ["m=lightning_logs", "--max-new-tokens=0"],
-            "--max-new-tokens 0: give a number of tokens, a whole number >= 1",
-        ),
-        (["m=lightning_logs", "--block-size=0"], "--block-size 0: give a window length in tokens, a whole number >= 2"),
-        (["m=lightning_logs", "--temperature=0"], "--temperature 0: give a finite number > 0 (--top-k 1 is greedy)"),
-        (["m=lightning_logs", "--outt=a.md"], "unrecognized arguments: --outt=a.md (did you mean --out?)"),
-        (["foo="], "foo=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name or folder)"),
-        (["m=lightning_logs", "gone=./models/gone"], "gone: --model.pretrained ./models/gone: there is no such folder"),
-        (["m=lightning_logs", "--out=/proc/x.md"], "--out /proc/x.md: cannot write in /proc"),
-    ],
-    ids=["no model", "no tokens", "block 0", "temperature 0", "mistyped flag", "label only", "missing", "unwritable"],
-)
-def test_compare_refuses_bad_input_in_one_line_before_any_model_is_scored(
-    argv, message, corpus_dir, tmp_path, monkeypatch, capsys
-):
-    monkeypatch.chdir(tmp_path)
-    cli_main(tiny_fit_args(corpus_dir, 2))  # a run for the good model in the list
-    capsys.readouterr()
-    before = sorted(str(p) for p in tmp_path.rglob("*"))
-    with pytest.raises(SystemExit) as exc:
-        compare.main(argv)
-    err = capsys.readouterr().err.strip().splitlines()
-    assert exc.value.code == 1 and len(err) == 1 and err[0].startswith(f"error: {message}"), err
-    assert sorted(str(p) for p in tmp_path.rglob("*")) == before

@@ -10,9 +10,9 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from shakespeare_gpt.cli import build, cli_main
 
-from .conftest import TINY_TEXT, tiny_fit_args
+from ..conftest import TINY_TEXT, tiny_fit_args
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 @pytest.fixture
@@ -221,7 +221,8 @@ def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(
         cli_main([subcommand, *args, f"--ckpt_path={ckpt}", f"--data.corpus={other / 'input.txt'}"])
     assert exc.value.code == 1
     err = capsys.readouterr().err.strip().splitlines()[-1]
-    assert err.startswith(f"error: the corpus {other}/input.txt does not fit the checkpoint: characters not in")
+    assert err.startswith(f"error: the corpus {other}/input.txt does not fit the ")  # the model (or checkpoint)
+    assert "characters not in" in err
     assert "'!24Z" in err  # the offending characters, by name
     # Refused before anything is written: a resumed run's logs and checkpoints are as they were.
     assert {p: p.read_bytes() for p in sorted(trained.rglob("*")) if p.is_file()} == before
@@ -251,22 +252,17 @@ def help_of(args: list[str], capsys) -> str:
     return " ".join(capsys.readouterr().out.split())  # the help text wraps lines
 
 
-def test_help_names_the_project_and_describes_each_subcommand_in_a_sentence(capsys):
+def test_help_names_the_project_and_its_subcommands(capsys):
     out = help_of([], capsys)
     assert out.startswith("usage: shakespeare-gpt ")
-    assert "shakespeare-gpt: train a character-level GPT written from scratch" in out
-    for sentence in (
-        "fit Train a model, from scratch or resumed; logs and checkpoints go under lightning_logs/.",
-        "validate Report a checkpoint's loss and bits per character on the val split.",
-        "predict Sample text from a checkpoint: printed, and written to --writer.path.",
-    ):
-        assert sentence in out
+    assert "Train a character-level GPT written from scratch" in out
+    assert all(f" {name} " in out for name in ("fit", "validate", "test", "predict"))
 
 
 def test_help_of_each_subcommand_shows_defaults_and_only_its_own_flags(capsys):
     fit = help_of(["fit"], capsys)
-    assert fit.startswith("usage: shakespeare-gpt fit [options]")
-    assert "--data.batch_size BATCH_SIZE training windows per step. (type: int, default: 64)" in fit
+    assert fit.startswith("usage: shakespeare-gpt [options] fit ")
+    assert "--data.batch_size BATCH_SIZE training windows per step. (type: PositiveInt, default: 64)" in fit
     assert "--data.corpus CORPUS ``tinyshakespeare`` (bundled with the package: no network)" in fit
     assert "--checkpoint.monitor" in fit and "--throughput.peak_flops" in fit
     assert "--sample." not in fit and "--writer." not in fit  # sampling is predict's
@@ -274,6 +270,19 @@ def test_help_of_each_subcommand_shows_defaults_and_only_its_own_flags(capsys):
     assert "--sample.temperature TEMPERATURE > 0; below 1 is more conservative" in predict
     assert "default: 1.0" in predict and "--writer.path" in predict
     assert "--checkpoint." not in predict and "--throughput." not in predict
+
+
+@pytest.mark.parametrize("model", ["ShakespeareGPT", "PretrainedLM"])
+def test_the_training_recipe_is_declared_once_and_shown_for_both_models(model, capsys):
+    with pytest.raises(SystemExit):
+        cli_main(["fit", "--model.help", model])
+    out = " ".join(capsys.readouterr().out.split())
+    for line in (
+        "--model.learning_rate LEARNING_RATE peak AdamW learning rate. (type: PositiveFloat, default: 0.0003)",
+        "--model.lr_schedule {constant,cosine} ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.",
+        "--model.beta2 BETA2 AdamW beta2. (type: Fraction, default: 0.999)",
+    ):
+        assert line in out
 
 
 def test_last_checkpoint_holds_the_final_step_when_it_was_not_a_validation_step(corpus_dir, tmp_path, monkeypatch):

@@ -12,9 +12,11 @@ from lightning.pytorch.callbacks import Callback
 
 from shakespeare_gpt.cli import cli_main
 
-from .conftest import tiny_fit_args
+from ..conftest import tiny_fit_args
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real processes: the slow tier
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 class SaveFirstBatch(Callback):

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from shakespeare_gpt.cli import cli_main
+from shakespeare_gpt.cli import build, cli_main
 
-from .conftest import tiny_fit_args
+from ..conftest import tiny_fit_args
 
 
 def last_step(run: Path) -> int:
@@ -85,3 +85,43 @@ def test_a_finished_run_continued_with_more_steps_equals_one_longer_run(corpus_d
     assert extended["global_step"] == straight["global_step"] == 9
     for key, value in straight["state_dict"].items():
         assert torch.equal(extended["state_dict"][key], value), key
+
+
+def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    monkeypatch.chdir(tmp_path)
+    # Later flags win: log every 2 steps, one validation at the end.
+    extra = ["--data.on_device=true", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=2"]
+    args = tiny_fit_args(corpus_dir, 4, *extra, "--throughput.peak_flops=1e11")
+    cli_main(args)
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
+    assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
+    # Per-step values are handed to Lightning only at the steps it writes, and all of those are written.
+    for tag in ("train/loss", "train/lr/decayed", "train/lr/not_decayed"):
+        assert [e.step for e in events.Scalars(tag)] == [1, 3]
+
+
+def test_lr_curve_holds_the_rate_each_step_ran_at_and_a_stopped_run_writes_its_last_loss(
+    corpus_dir, tmp_path, monkeypatch
+):
+    """LearningRateMonitor logs at the steps Lightning writes; a run stopped between them still writes its loss."""
+    from lightning.pytorch.callbacks import Callback
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    class StopAfterStep7(Callback):
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+            trainer.should_stop = trainer.global_step == 7
+
+    monkeypatch.chdir(tmp_path)
+    # A 10-step warmup: the learning rate differs at every step, so a stale value would show.
+    extra = ["--trainer.log_every_n_steps=3", "--trainer.val_check_interval=100", "--model.warmup_steps=10"]
+    cli = build(tiny_fit_args(corpus_dir, 12, *extra, "--model.learning_rate=1e-3")[1:])
+    cli.trainer.callbacks.append(StopAfterStep7())
+    cli.trainer.fit(cli.model, cli.datamodule)
+    events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    for group in ("decayed", "not_decayed"):
+        lr = [(e.step, round(e.value, 8)) for e in events.Scalars(f"train/lr/{group}")]
+        assert lr == [(2, 3e-4), (5, 6e-4)]  # steps 2 and 5 (0-based) ran at 3/10 and 6/10 of the peak
+    assert [e.step for e in events.Scalars("train/loss")] == [2, 5, 6]

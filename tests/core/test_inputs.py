@@ -1,27 +1,24 @@
 """Every value a user can get wrong ends in one line that names it, before anything is written.
 
-Each case runs the command line (in-process for speed; ``test_entry_point_*`` run the real
-``shakespeare-gpt`` script) in an empty folder and checks: exit status 1, the last line of stderr
-is the expected ``error: ...``, no traceback, and the folder is as it was. The tools' own inputs
-(study files, ``ablate --jobs``, ``bench --sections``) are in ``test_tools_input.py``.
+Each case runs the command line in-process in an empty folder and checks: exit status 1, the last
+line of stderr is the expected ``error: ...``, no traceback, and the folder is as it was. A value
+a type refuses gets jsonargparse's own message (the key and the rule); a trainer setting,
+Lightning's; the rest, ours. The real ``shakespeare-gpt`` script is run in tests/e2e.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shakespeare_gpt.cli import cli_main
 
-from .conftest import TINY_MODEL_ARGS, TINY_TEXT
+from ..conftest import TINY_MODEL_ARGS, TINY_TEXT
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def snapshot(folder: Path) -> dict[str, bytes | None]:
@@ -54,44 +51,49 @@ def folder(tmp_path, monkeypatch) -> Path:
 
 FIT = ["fit", "--data.corpus=mine.txt", *TINY_MODEL_ARGS, "--trainer.max_steps=2", "--trainer.accelerator=cpu"]
 
+
+def typed(key: str, rule: str) -> str:
+    """jsonargparse's refusal of a value its type does not allow: it names the key and the type."""
+    return rf'Parser key "{key}".* Not of type {rule}'
+
+
 CASES = {
     # name: (arguments, the error line it must end with, as a regular expression)
     "gpu config on a cpu machine": (
         ["fit", f"--config={ROOT / 'configs' / 'shakespeare_char.yaml'}"],
-        r"asks for a CUDA GPU .* train with --config configs/cpu.yaml, or add --trainer.accelerator cpu",
+        r"No supported gpu backend found",
     ),
-    "batch size 0": ([*FIT, "--data.batch_size=0"], r"--data.batch_size 0: give a whole number >= 1"),
-    "val batch size -3": ([*FIT, "--data.val_batch_size=-3"], r"--data.val_batch_size -3: give a whole number >= 1"),
+    "batch size 0": ([*FIT, "--data.batch_size=0"], typed("data.batch_size", r"PositiveInt: 0")),
+    "val batch size -3": ([*FIT, "--data.val_batch_size=-3"], r'"data.val_batch_size".* Not of type PositiveInt'),
     "block size too big for memory": (  # its masks alone would take 400 TB: too big for any machine
         [*FIT, "--model.block_size=10000000"],
-        r"--model.block_size 10000000 with --data.batch_size 64 needs at least \d+ GiB .* than the \d+ GiB this",
+        r"--model.block_size 10000000 with --data.batch_size 64 needs at least \d+ GiB, more than the \d+ GiB this",
     ),
-    "block size 0": ([*FIT, "--model.block_size=0"], r"--model.block_size 0: give a whole number >= 1"),
-    "negative learning rate": ([*FIT, "--model.learning_rate=-1"], r"--model.learning_rate -1.0: give a number > 0"),
-    "nan learning rate": ([*FIT, "--model.learning_rate=nan"], r"--model.learning_rate nan: give a number"),
+    "block size 0": ([*FIT, "--model.block_size=0"], typed("block_size", "PositiveInt: 0")),
+    "negative learning rate": ([*FIT, "--model.learning_rate=-1"], typed("learning_rate", "PositiveFloat: -1")),
+    "nan learning rate": ([*FIT, "--model.learning_rate=nan"], typed("learning_rate", "PositiveFloat: nan")),
     "min_lr above the peak": (
         [*FIT, "--model.lr_schedule=cosine", "--model.min_lr=0.1"],
         r"--model.min_lr 0.1: give a number from 0 to --model.learning_rate \(0.0003\): the cosine schedule decays",
     ),
-    "negative warmup": ([*FIT, "--model.warmup_steps=-5"], r"--model.warmup_steps -5: give a whole number >= 0"),
-    "decay steps 0": ([*FIT, "--model.decay_steps=0"], r"--model.decay_steps 0: give a whole number >= 1"),
-    "beta2 of 1": ([*FIT, "--model.beta2=1.0"], r"--model.beta2 1.0: give a number in \[0, 1\)"),
-    "negative weight decay": ([*FIT, "--model.weight_decay=-0.1"], r"--model.weight_decay -0.1: give a number >= 0"),
+    "negative warmup": ([*FIT, "--model.warmup_steps=-5"], typed("warmup_steps", "NonNegativeInt: -5")),
+    "decay steps 0": ([*FIT, "--model.decay_steps=0"], r'"decay_steps".* Not of type PositiveInt'),
+    "beta2 of 1": ([*FIT, "--model.beta2=1.0"], typed("beta2", r"Fraction: 1.0 does not conform to restriction")),
+    "negative weight decay": ([*FIT, "--model.weight_decay=-0.1"], typed("weight_decay", "NonNegativeFloat: -0.1")),
     "heads that do not divide the width": (
         [*FIT, "--model.n_head=3"],
         r"--model.n_head 3 does not divide --model.n_embd 16",
     ),
-    "dropout of 1": ([*FIT, "--model.dropout=1.0"], r"--model.dropout 1.0: give a rate in \[0, 1\)"),
-    "max steps 0": ([*FIT, "--trainer.max_steps=0"], r"--trainer.max_steps 0: give a number of training steps >= 1"),
+    "dropout of 1": ([*FIT, "--model.dropout=1.0"], typed("dropout", "Fraction: 1.0")),
     "cosine schedule without an end": (
         [*FIT, "--trainer.max_steps=-1", "--model.lr_schedule=cosine"],
         r"a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps",
     ),
     "validation interval 0": (
         [*FIT, "--trainer.val_check_interval=0"],
-        r"--trainer.val_check_interval 0: give a number of steps >= 1",
+        r"--trainer.val_check_interval 0: give the number of training steps between validations",
     ),
-    "negative sample tokens": ([*FIT, "--model.sample_tokens=-1"], r"--model.sample_tokens -1: give a number"),
+    "negative sample tokens": ([*FIT, "--model.sample_tokens=-1"], typed("sample_tokens", "NonNegativeInt: -1")),
     "log folder under a file": (
         [*FIT, "--trainer.logger.init_args.save_dir=a_file/logs"],
         r"--trainer.logger.init_args.save_dir a_file/logs: a_file is a file, not a folder",
@@ -108,25 +110,18 @@ CASES = {
         [*FIT, "--data.sha256=" + "0" * 64],
         r"the corpus mine.txt has sha256 [0-9a-f]{64}, not the --data.sha256 0{64} asked for",
     ),
-    "malformed checksum": ([*FIT, "--data.sha256=abc"], r"--data.sha256 'abc': give 64 lowercase hex digits"),
-    "mistyped flag": (
-        [*FIT, "--model.lerning_rate=1e-3"],
-        r"--model.lerning_rate is not a setting of ShakespeareGPT \(the character model\); "
-        r"did you mean --model.learning_rate\?",
-    ),
-    "sampling flag given to fit": (
-        [*FIT, "--data.prompt=ROMEO:"],
-        r"unrecognized arguments: --data.prompt=ROMEO:; sampling settings are --sample.prompt, given to predict",
-    ),
-    "mistyped subcommand": (["fti"], r"invalid choice: 'fti' .*; did you mean fit\?"),
+    "malformed checksum": ([*FIT, "--data.sha256=abc"], r'"data.sha256".* does not match regular expression'),
+    "mistyped flag": ([*FIT, "--model.lerning_rate=1e-3"], r"Option 'lerning_rate' is not accepted"),
+    "sampling flag given to fit": ([*FIT, "--data.prompt=ROMEO:"], r"unrecognized arguments: --data.prompt=ROMEO:"),
+    "mistyped subcommand": (["fti"], r"invalid choice: 'fti' \(choose from 'fit', 'validate', 'test', 'predict'\)"),
     "mistyped subcommand after a config": (
         [f"--config={ROOT / 'configs' / 'cpu.yaml'}", "fti"],
-        r"invalid choice: 'fti' .*; did you mean fit\?",
+        r"invalid choice: 'fti'",
     ),
-    "type error": ([*FIT, "--data.batch_size=twelve"], r"--data.batch_size twelve: give a whole number"),
+    "type error": ([*FIT, "--data.batch_size=twelve"], typed("data.batch_size", "PositiveInt: invalid literal")),
     "predict without a checkpoint": (
         ["predict", "--sample.prompt=ROMEO:"],
-        r"predict samples from a trained model: add --ckpt_path \(give a .ckpt file",
+        r"the character model needs a vocabulary: give --ckpt_path",
     ),
     "predict from a folder with no run": (
         ["predict", "--ckpt_path=."],
@@ -134,21 +129,18 @@ CASES = {
     ),
     "validate with --ckpt_path last": (
         ["validate", "--ckpt_path=last"],
-        r"--ckpt_path last names a checkpoint of a training run in progress; to validate, give a checkpoint or",
+        r"--ckpt_path last continues a training run; to validate, give a checkpoint or run folder",
     ),
-    "predict with --ckpt_path best": (["predict", "--ckpt_path=best"], r"--ckpt_path best names a checkpoint of a"),
-    "an abbreviated flag": (
-        [*FIT, "--trainer.max_step=3"],
-        r"unrecognized arguments: --trainer.max_step=3; did you mean --trainer.max_steps\?",
-    ),
+    "predict with --ckpt_path best": (["predict", "--ckpt_path=best"], r"needs a vocabulary: give --ckpt_path"),
+    "an abbreviated flag": ([*FIT, "--trainer.max_step=3"], r"unrecognized arguments: --trainer.max_step=3"),
     "a choice that is not one": (
         [*FIT, "--model.lr_schedule=linear"],
-        r"--model.lr_schedule linear: give one of 'constant', 'cosine'",
+        r"\"lr_schedule\": Expected a typing.Literal\['constant', 'cosine'\]. Got value: linear",
     ),
-    "optional whole number": ([*FIT, "--model.decay_steps=abc"], r"--model.decay_steps abc: give a whole number or"),
+    "optional whole number": ([*FIT, "--model.decay_steps=abc"], r'"decay_steps".* Not of type PositiveInt'),
     "fractional validation interval": (
         [*FIT, "--trainer.val_check_interval=0.5"],
-        r"--trainer.val_check_interval 0.5: give a number of steps >= 1 between validations",
+        r"`val_check_interval` should be an integer .* when `check_val_every_n_epoch=None`",
     ),
     "a strategy Lightning does not know": (
         [*FIT, "--trainer.strategy=dpp"],
@@ -187,13 +179,10 @@ def test_read_only_log_folder(folder, capsys):
     assert line.startswith("error: --trainer.logger.init_args.save_dir logs: cannot write in logs (Permission denied)")
 
 
-def test_mistyped_config_key_gets_one_line_and_a_suggestion(folder, capsys):
+def test_mistyped_config_key_is_one_line_that_names_it(folder, capsys):
     (folder / "mine.yaml").write_text("model:\n  lerning_rate: 1.0e-3\n")
     line = refused([*FIT, "--config=mine.yaml"], capsys)
-    assert (
-        line == "error: --model.lerning_rate is not a setting of ShakespeareGPT (the character model); "
-        "did you mean --model.learning_rate?"
-    )
+    assert "Option 'lerning_rate' is not accepted" in line
 
 
 @pytest.mark.parametrize(
@@ -217,7 +206,7 @@ def test_unusable_corpus_names_the_file(content, message, folder, capsys):
 @pytest.fixture
 def checkpoint(corpus_dir, tmp_path_factory) -> Path:
     """A tiny trained run's ``last.ckpt``."""
-    from .conftest import tiny_fit_args
+    from ..conftest import tiny_fit_args
 
     run = tmp_path_factory.mktemp("run")
     cwd = Path.cwd()
@@ -239,11 +228,11 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
             r"--writer.path /proc/samples.txt: cannot write in /proc",
             marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc"),
         ),
-        (["--sample.temperature=0"], r"--sample.temperature 0.0: give a finite number > 0"),
-        (["--sample.top_k=0"], r"--sample.top_k 0: give a number >= 1 \(1 is greedy\), or null for all"),
-        (["--sample.num_samples=0"], r"--sample.num_samples 0: give a number >= 1"),
-        (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give a number of tokens >= 0"),
-        (["--sample.prompt="], r"--sample.prompt is empty"),
+        (["--sample.temperature=0"], typed("sample.temperature", "PositiveFloat: 0")),
+        (["--sample.top_k=0"], r'"sample.top_k".* Not of type PositiveInt'),
+        (["--sample.num_samples=0"], typed("sample.num_samples", "PositiveInt: 0")),
+        (["--sample.max_new_tokens=-1"], typed("sample.max_new_tokens", "NonNegativeInt: -1")),
+        (["--sample.prompt="], typed("sample.prompt", "NotEmptyStr")),
         (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
     ],
     ids=[
@@ -263,25 +252,3 @@ def test_bad_predict_values_print_no_sample_and_write_nothing(extra, message, ch
     line = refused(["predict", f"--ckpt_path={checkpoint}", *extra], capsys)
     assert re.search(message, line), line
     assert snapshot(folder) == before
-
-
-def test_entry_point_prints_one_line_and_no_third_party_noise(tmp_path):
-    """The installed ``shakespeare-gpt`` script: one line on stderr, nothing on stdout, exit 1."""
-    script = shutil.which("shakespeare-gpt") or str(Path(sys.executable).parent / "shakespeare-gpt")
-    result = subprocess.run(
-        [script, "fit", "--data.batch_size", "0"], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 1
-    assert result.stdout == ""
-    assert result.stderr == "error: --data.batch_size 0: give a whole number >= 1\n"
-    assert list(tmp_path.iterdir()) == []
-
-
-def test_entry_point_predict_without_checkpoint(tmp_path):
-    result = subprocess.run(
-        [sys.executable, "-m", "shakespeare_gpt", "predict"], cwd=tmp_path, capture_output=True, text=True, timeout=120
-    )
-    assert result.returncode == 1
-    assert result.stderr.startswith("error: predict samples from a trained model: add --ckpt_path")
-    assert len(result.stderr.splitlines()) == 1
-    assert list(tmp_path.iterdir()) == []

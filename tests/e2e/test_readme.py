@@ -24,9 +24,11 @@ from pathlib import Path
 import pytest
 import yaml
 
-from .conftest import TINY_MODEL_ARGS, TINY_TEXT
+from ..conftest import TINY_MODEL_ARGS, TINY_TEXT
 
-ROOT = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.slow  # real processes: the slow tier
+
+ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
 SMALL = [
     *TINY_MODEL_ARGS,

@@ -1,0 +1,173 @@
+"""Checkpoints and runs on disk: the best checkpoint of a folder of runs, the run ``--ckpt_path last``
+continues, and a checkpoint checked against the model flags of the command that reads it.
+
+Used by the CLI before Lightning reads a checkpoint (so a bad one is one line, not a traceback,
+and nothing is written) and by the tools that take a run folder.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import torch
+from jsonargparse import ArgumentParser, Namespace
+from lightning.pytorch.callbacks import ModelCheckpoint
+from lightning.pytorch.utilities import rank_zero_only
+
+from .utils import UserError, lock
+
+# Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
+RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code", "pretrained")  # pretrained: where, not what
+CHAR_MODEL = "shakespeare_gpt.lightning_module.ShakespeareGPT"  # --model's class unless a config says
+PRETRAINED_MODEL = "shakespeare_gpt.pretrained.PretrainedLM"
+HINT = (
+    "give a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt, "
+    "or a folder of runs, e.g. lightning_logs/cpu, for the checkpoint with the lowest val loss among them"
+)
+LAST = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
+
+
+def class_name(class_path: str) -> str:
+    """The class a ``class_path`` names, in any of the forms jsonargparse writes it."""
+    return str(class_path).rpartition(".")[2]
+
+
+def runs_in(root: Path) -> list[Path]:
+    """The ``version_N`` run folders under ``root``, oldest first."""
+    runs = [p for p in root.glob("version_*") if p.is_dir() and p.name.removeprefix("version_").isdigit()]
+    return sorted(runs, key=lambda p: int(p.name.removeprefix("version_")))
+
+
+def best_checkpoint(folder: Path) -> Path:
+    """The checkpoint with the lowest val loss among the runs under ``folder``.
+
+    ``folder`` is a run (it holds ``checkpoints/``) or a folder of runs (``version_N``). Without
+    any ``best-*.ckpt`` (runs stopped before their first validation), the newest ``last.ckpt``.
+    """
+
+    def val_loss(p: Path) -> float:
+        m = re.search(r"val(\d+\.\d+)", p.stem)  # our own file name: best-step{step}-val{val/loss:.4f}
+        return float(m.group(1)) if m else float("inf")
+
+    runs = [folder] if (folder / "checkpoints").is_dir() else runs_in(folder)
+    if not runs:
+        raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {HINT}")
+    if best := sorted((p for run in runs for p in (run / "checkpoints").glob("best-*.ckpt")), key=val_loss):
+        return best[0]
+    if last := [run / "checkpoints" / LAST for run in runs if (run / "checkpoints" / LAST).is_file()]:
+        return last[-1]
+    raise UserError(f"--ckpt_path {folder}: no run here has a checkpoint yet; {HINT}")
+
+
+def read_checkpoint(path: str | Path) -> dict:
+    """The checkpoint at ``path``, or a one-line ``UserError`` unless it is a readable checkpoint of this project."""
+    if not Path(path).is_file():
+        raise UserError(f"checkpoint {path} does not exist: {HINT}")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception as e:
+        raise UserError(
+            f"checkpoint {path} cannot be read ({type(e).__name__}): it is truncated or corrupt; {HINT} "
+            "(another checkpoint of that run, or start a new run without --ckpt_path)"
+        ) from None
+    hparams = ckpt.get("hyper_parameters", {}) if isinstance(ckpt, dict) else {}
+    if "state_dict" not in ckpt or not ("vocab" in hparams or "pretrained" in hparams):
+        raise UserError(f"{path} is not a shakespeare-gpt checkpoint (no weights, vocabulary or model name); {HINT}")
+    return ckpt
+
+
+def lock_run(run: Path, create: bool = True):
+    """The lock that keeps a second ``fit`` out of the run folder ``run`` (see ``utils.lock``)."""
+    busy = f"{run} is being written by another fit right now: wait for it to finish, or stop it first"
+    return lock(run / ".lock", busy, create)
+
+
+def resume(config: Namespace) -> tuple[Path, Path | None]:
+    """For ``fit --ckpt_path last``: the newest run's ``last.ckpt``, and the run's folder.
+
+    Lightning looks for ``last.ckpt`` in the logger's *current* version folder, a fresh one for
+    every run; so the newest run (the highest ``version_N``, or the logger's fixed version) is
+    found here and the logger is pointed at it, and its TensorBoard curves are told to drop
+    whatever was logged after the checkpoint (steps a ``kill -9`` lost), so each step stays once.
+    """
+    dirpath, logger = config.checkpoint.get("dirpath"), config.trainer.get("logger")
+    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("TensorBoard")
+    if dirpath or not tensorboard:
+        folder = Path(dirpath or config.trainer.get("default_root_dir") or ".", "" if dirpath else "checkpoints")
+        return _last_checkpoint(folder, folder), None
+    args = logger.init_args
+    root = Path(args.save_dir) / (args.get("name") or "")
+    if args.get("version") is not None:
+        run = root / (args.version if isinstance(args.version, str) else f"version_{args.version}")
+    else:
+        if not (runs := runs_in(root)):
+            raise UserError(f"nothing to resume: there is no run under {root}; start one without --ckpt_path")
+        run = runs[-1]
+        args.version = int(run.name.removeprefix("version_"))  # the same folder; the progress bar shows N
+    if rank_zero_only.rank == 0 and (probe := lock_run(run, create=False)) is not None:
+        probe.close()  # only asks: the lock is taken once every check has passed
+    path = _last_checkpoint(run / "checkpoints", run)
+    args.purge_step = read_checkpoint(path)["global_step"]
+    return path, run
+
+
+def _last_checkpoint(folder: Path, run: Path) -> Path:
+    if not (folder / LAST).is_file():
+        raise UserError(
+            f"nothing to resume: the newest run {run} has no last.ckpt (it stopped before its first checkpoint); "
+            "start a new run without --ckpt_path, or give an older run's checkpoint as --ckpt_path <path>"
+        )
+    return folder / LAST
+
+
+def model_defaults(class_path: str) -> dict:
+    """Every setting the command line takes for the model class ``class_path``, with its default."""
+    parser = ArgumentParser()
+    parser.add_subclass_arguments(_model_base(), "model", required=True)
+    return parser.parse_args(["--model", class_path]).model.init_args.as_dict()
+
+
+def _model_base():
+    from .lightning_module import LanguageModel  # the checkpoints' classes; imported when one is read
+
+    return LanguageModel
+
+
+def check_matches(model: Namespace, ckpt: dict, path: str | Path) -> None:
+    """Refuse, in one line, model settings given by the user that the checkpoint contradicts.
+
+    Lightning rebuilds the model from the checkpoint's settings and would silently ignore these.
+    A setting at its default was not given, so it is not a contradiction. ``model`` becomes the
+    checkpoint's class.
+    """
+    saved = ckpt["hyper_parameters"]
+    saved_class = saved.get("_class_path", CHAR_MODEL)
+    holds, asked_class = class_name(saved_class), class_name(model.class_path)
+    asked_defaults, defaults = model_defaults(model.class_path), model_defaults(saved_class)
+    asked = {k: v for k, v in model.init_args.as_dict().items() if k != "vocab" and v != asked_defaults.get(k)}
+    if asked_class != holds:
+        if asked_class != class_name(CHAR_MODEL):  # a config that names a class: not the default one
+            raise UserError(
+                f"{path} holds a {holds}, not the {asked_class} this config asks for: "
+                "a checkpoint decides its model; drop the config's model section"
+            )
+        if foreign := sorted(set(asked) - set(defaults)):
+            raise UserError(f"{path} holds a {holds}, which has no setting --model.{foreign[0]}: drop it")
+        model.init_args = Namespace(**asked)  # read for the default class: keep only what the user changed
+    if unknown := sorted(set(saved) - set(defaults) - {"vocab", "_instantiator", "_class_path"}):
+        raise UserError(
+            f"{path} was written by another version of shakespeare-gpt (settings {', '.join(unknown)} are unknown "
+            "here): use the version that wrote it"
+        )
+    clashes = [
+        f"{key}={saved[key]!r} (asked: {value!r})"
+        for key, value in asked.items()
+        if key in saved and key not in RUNTIME_SETTINGS and value != saved[key] and value != defaults.get(key)
+    ]
+    if clashes:
+        raise UserError(
+            f"{path} was trained with {', '.join(clashes)}: a checkpoint decides its model's settings; "
+            "drop those --model flags (or the config that sets them), or start a new run without --ckpt_path"
+        )
+    model.class_path = saved_class

@@ -1,0 +1,158 @@
+"""Sampling: the ``--sample.*`` settings, generation with and without the KV cache, the sliding window,
+and the split matrix products of batch-1 decoding on a CPU."""
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jsonargparse import ArgumentError, ArgumentParser
+
+from shakespeare_gpt.model import GPT, GPTConfig
+from shakespeare_gpt.sampling import Sampling, generate
+from shakespeare_gpt.tokenizer import CharTokenizer
+from shakespeare_gpt.utils import UserError
+
+from .test_model import tiny
+
+VOCAB = "\n !',-.:;?ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz"
+torch.manual_seed(0)
+MODEL = GPT(GPTConfig(vocab_size=len(VOCAB), block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
+
+
+def test_the_prompt_is_encoded_once_per_sample_and_unknown_characters_are_named():
+    idx = Sampling(prompt="To be", num_samples=3).encode(CharTokenizer(VOCAB))
+    assert idx.shape == (3, 5) and torch.equal(idx[0], idx[2])
+    with pytest.raises(UserError, match=r"--sample.prompt 'ROMEO@#': characters not in the model's vocabulary: '#@'"):
+        Sampling(prompt="ROMEO@#").encode(CharTokenizer(VOCAB))
+
+
+@pytest.mark.parametrize(
+    "flag,value",
+    [("prompt", ""), ("num_samples", "0"), ("max_new_tokens", "-1"), ("temperature", "0"), ("top_k", "0")],
+)
+def test_the_settings_types_refuse_values_that_cannot_sample(flag, value):
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Sampling, "sample")
+    with pytest.raises(ArgumentError, match=f"sample.{flag}"):
+        parser.parse_args([f"--sample.{flag}={value}"])
+
+
+@settings(max_examples=30, deadline=None)
+@given(
+    prompt_len=st.integers(1, 20),
+    max_new_tokens=st.integers(0, 20),
+    temperature=st.floats(0.05, 5.0),
+    top_k=st.one_of(st.none(), st.integers(1, 2 * len(VOCAB))),  # above the vocabulary: all of it
+    seed=st.integers(0, 2**31),
+)
+def test_valid_sampling_settings_extend_the_prompt(prompt_len, max_new_tokens, temperature, top_k, seed):
+    idx = torch.randint(0, len(VOCAB), (2, prompt_len), generator=torch.Generator().manual_seed(seed))
+    out = generate(MODEL, idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    assert out.shape == (2, prompt_len + max_new_tokens)
+    assert torch.equal(out[:, :prompt_len], idx)
+    assert int(out.min()) >= 0 and int(out.max()) < len(VOCAB)
+    again = generate(MODEL, idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    assert torch.equal(out, again)
+
+
+def test_greedy_generation_is_deterministic_and_runs_past_block_size():
+    model = tiny()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    a = generate(model, idx, 20, top_k=1, generator=torch.Generator().manual_seed(1))
+    b = generate(model, idx, 20, top_k=1, generator=torch.Generator().manual_seed(2))
+    assert a.shape == (2, 23)  # longer than block_size=8: the context slides
+    assert torch.equal(a, b)
+    assert torch.equal(a[:, :3], idx)
+
+
+def test_sampling_is_reproducible_with_a_seed_and_restores_training_mode():
+    model = tiny().train()
+    idx = torch.zeros(1, 1, dtype=torch.long)
+    a = generate(model, idx, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    b = generate(model, idx, 30, temperature=1.5, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(a, b)
+    assert model.training
+
+
+@pytest.mark.parametrize("n_layer", [2, 0])
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+@pytest.mark.parametrize("prompt_len", [1, 5, 13])
+def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len, n_layer):
+    model = tiny(attention=attention, n_layer=n_layer)
+    idx = torch.randint(0, 11, (2, prompt_len))
+    # 40 new tokens with block_size 8: the window moves many times, and the cache is rebuilt each time.
+    cached = generate(model, idx, 40, top_k=1, use_cache=True)
+    uncached = generate(model, idx, 40, top_k=1, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+@pytest.fixture
+def two_threads():
+    """The split matrix-vector path cuts a matrix into one slab per thread: make sure there are two."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(2)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("shape", [(1, 1, 256), (3, 256), (2, 1, 256)])
+def test_split_linear_computes_what_nn_linear_does(two_threads, monkeypatch, shape, bias):
+    from shakespeare_gpt.sampling import split_linear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Linear(256, 1024, bias=bias)
+    x = torch.randn(shape)
+    calls = []
+    for name in ("bmm", "baddbmm"):
+        original = getattr(torch, name)
+        monkeypatch.setattr(torch, name, lambda *a, _f=original, **k: calls.append(1) or _f(*a, **k))
+    with torch.inference_mode():
+        y = split_linear(layer, x)
+    assert calls, "one row on a CPU without grad should take the split path"
+    torch.testing.assert_close(y, layer(x), atol=1e-5, rtol=1e-5)
+    calls.clear()
+    y = split_linear(layer, x)  # with grad: the plain product, so training is untouched
+    assert not calls and y.requires_grad
+
+
+def test_generation_splits_only_large_matrices_and_puts_the_model_back(two_threads):
+    from shakespeare_gpt.sampling import split_matrix_products
+
+    model = tiny(n_embd=256, n_head=4, n_layer=1)  # matrices big enough for the split path
+    with split_matrix_products(model):
+        split = [name for name, m in model.named_modules() if "forward" in vars(m)]
+    # q/k/v (256 x 768) and the feed-forward's two (256 x 1024); not the projection (256 x 256) or the head.
+    assert split == ["blocks.0.attn.qkv", "blocks.0.ffwd.fc", "blocks.0.ffwd.proj"]
+    assert not any("forward" in vars(m) for m in model.modules())
+    assert list(model.state_dict()) == list(tiny(n_embd=256, n_head=4, n_layer=1).state_dict())
+
+
+def test_kv_cache_with_split_matrix_products_gives_the_same_tokens(two_threads, monkeypatch):
+    model = tiny(n_embd=256, n_head=4, n_layer=1)
+    calls = []
+    original = torch.bmm
+    monkeypatch.setattr(torch, "bmm", lambda *a, **k: calls.append(1) or original(*a, **k))
+    idx = torch.randint(0, 11, (1, 3))
+    cached = generate(model, idx, 24, top_k=1, use_cache=True)
+    assert calls  # the split path ran
+    uncached = generate(model, idx, 24, top_k=1, use_cache=False)
+    assert torch.equal(cached, uncached)
+
+
+def test_kv_cache_logits_match_a_full_forward():
+    model = tiny().eval()
+    idx = torch.randint(0, 11, (2, 8))
+    full, _ = model(idx)
+    cache = model.new_cache()
+    first, _ = model(idx[:, :3], cache=cache)
+    steps = [model(idx[:, t : t + 1], cache=cache)[0] for t in range(3, 8)]
+    torch.testing.assert_close(torch.cat([first, *steps], dim=1), full, atol=1e-5, rtol=1e-5)
+
+
+def test_window_slides_a_quarter_block_at_a_time():
+    from shakespeare_gpt.sampling import window_start
+
+    assert [window_start(n, 8) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
+    assert all(n - window_start(n, 256) <= 256 for n in range(1, 2000))
+    assert all(n - window_start(n, 256) >= 192 for n in range(256, 2000))
