@@ -12,33 +12,49 @@ Measures, for the model and data of a config:
 
 A step time is the wall time of ``--steps`` steps after ``--warmup`` untimed ones, divided by the
 number of steps, with the GPU synchronised at both ends; the figures are medians over ``--repeats``.
-Everything is printed as a table and written to JSON. Extra arguments go to the CLI's parser,
-e.g. ``--trainer.accelerator cpu`` or ``--model.compile true``. Every run is built by
-``cli.build``, the entry point of ``python -m shakespeare_gpt``.
+Everything is printed as a table and written to JSON. Every other argument goes to the CLI, e.g.
+``--trainer.accelerator cpu`` or ``--model.compile true``; every run is built by ``cli.build``.
 """
 
 from __future__ import annotations
 
-import argparse
+import difflib
 import json
-import platform
 import statistics
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
+from typing import Literal, get_args
 
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
-from ..cli import build, quiet_third_party
-from ..errors import UserError
+from ..cli import build, refusal
 from ..lightning_module import ShakespeareGPT
 from ..sampling import generate
-from .checks import ToolParser, cli_refusal, did_you_mean, fail, show, whole, writable_place
+from ..utils import UserError, atomic_open, check_writable, exit_with, machine, quiet_third_party
 
-SECTIONS = ("train", "fit", "generate")
+PROG = "python -m shakespeare_gpt.tools.bench"
+DESCRIPTION = (
+    "Benchmark shakespeare-gpt, the char-level GPT, on one config: training step time through Lightning and "
+    "through a bare PyTorch loop, a whole fit, and sampling with and without the KV cache."
+)
+Section = Literal["train", "fit", "generate"]
+SECTIONS = get_args(Section)
+FLAGS = {  # the benchmark's own flags: type, default, help; every other argument goes to the CLI
+    "--config": (str, None, "fit config, e.g. configs/cpu.yaml"),
+    "--sections": (list[Section], list(SECTIONS), "one or more of train, fit, generate, comma-separated"),
+    "--steps": (PositiveInt, 100, "timed training steps per repeat"),
+    "--warmup": (NonNegativeInt, 20, "untimed steps first (compilation, caches)"),
+    "--repeats": (PositiveInt, 3, "repeats of the train and generate timings (medians reported)"),
+    "--fit-repeats": (PositiveInt, 1, "whole fit runs, one after another"),
+    "--gen-tokens": (PositiveInt, 1000, "tokens sampled per generate timing"),
+    "--out": (str | None, None, "JSON file (default: lightning_logs/bench/<config>.json)"),
+}
 
 
 class StepTimer(Callback):
@@ -107,7 +123,7 @@ def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[f
     module.trainer = trainer  # the lr schedule reads max_steps from it
     module.configure_model()
     dm.trainer = trainer
-    dm.setup("fit")
+    dm.setup("fit", module.tokenizer)
     opt_config = module.configure_optimizers()
     opt, sched = opt_config["optimizer"], opt_config["lr_scheduler"]["scheduler"]
     bf16 = "bf16" in str(trainer.precision)
@@ -134,7 +150,7 @@ def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[f
 
 
 def time_fit(config: str, extra: list[str]) -> dict:
-    """Wall time of a whole ``fit``, and the best and last val loss, as the trainer recorded them."""
+    """Wall time of a whole ``fit``, and the best val loss, as the trainer recorded them."""
     name = f"bench_{Path(config).stem}"
     args = ["fit", f"--config={config}", *extra, f"--trainer.logger.init_args.name={name}"]
     t = time.perf_counter()
@@ -163,100 +179,74 @@ def time_generate(config: str, extra: list[str], tokens: int, repeats: int) -> d
     return out
 
 
-def machine() -> dict:
-    info = {"python": platform.python_version(), "torch": torch.__version__, "threads": torch.get_num_threads()}
-    cpu = next((line.split(":", 1)[1].strip() for line in _cpuinfo() if line.startswith("model name")), None)
-    info["cpu"] = cpu or platform.processor()
-    if torch.cuda.is_available():
-        info["gpu"] = torch.cuda.get_device_name()
-    return info
-
-
-def _cpuinfo() -> list[str]:
-    try:
-        return Path("/proc/cpuinfo").read_text().splitlines()
-    except OSError:
-        return []
-
-
-def _sections(value: str) -> set[str]:
-    sections = {part.strip() for part in value.split(",")}
-    for part in sorted(sections):
-        if part not in SECTIONS:
-            raise argparse.ArgumentTypeError(
-                f"--sections {show(value)}: unknown section {show(part)}{did_you_mean(part, SECTIONS)}; "
-                f"give one or more of {', '.join(SECTIONS)}, comma-separated (e.g. --sections train,generate)"
-            )
-    return sections
-
-
-DESCRIPTION = (
-    "Benchmark shakespeare-gpt, the char-level GPT, on one config: training step time through Lightning and "
-    "through a bare PyTorch loop, a whole fit, and sampling with and without the KV cache."
-)
-
-
-def parser() -> ToolParser:
-    parser = ToolParser(
-        prog="python -m shakespeare_gpt.tools.bench",
+def parser() -> ArgumentParser:
+    parser = ArgumentParser(
+        prog=PROG,
         description=DESCRIPTION,
-        epilog="Other arguments go to the CLI, e.g. --trainer.accelerator cpu or --model.compile true.",
+        epilog="Every other argument goes to the CLI, e.g. --trainer.accelerator cpu or --model.compile true.",
+        exit_on_error=False,
     )
-    parser.add_argument("--config", required=True, action="append", help="fit config, e.g. configs/cpu.yaml")
-    parser.add_argument(
-        "--sections", default=",".join(SECTIONS), type=_sections, help=f"comma-separated: {', '.join(SECTIONS)}"
-    )
-    counts = [  # flag, smallest value, what it counts (for the error), default, help
-        ("--steps", 1, "the timed steps", 100, "timed training steps per repeat"),
-        ("--warmup", 0, "the untimed steps", 20, "untimed steps first (compilation, caches)"),
-        ("--repeats", 1, "the number of repeats", 3, "repeats of the train and generate timings (medians reported)"),
-        ("--fit-repeats", 1, "the number of whole fits", 1, "whole fit runs, one after another"),
-        ("--gen-tokens", 1, "the number of tokens", 1000, "tokens sampled per generate timing"),
-    ]
-    for flag, least, what, default, text in counts:
-        parser.add_argument(flag, type=whole(flag, least, what, default), default=default, help=text)
-    parser.add_argument("--out", help="JSON file (default: lightning_logs/bench/<config>.json)")
+    for flag, (kind, default, text) in FLAGS.items():
+        parser.add_argument(flag, type=kind, default=default, required=flag == "--config", help=text)
     return parser
 
 
-def check(opts: argparse.Namespace, extra: list[str]) -> Path:
-    """Refuse bad input before anything runs; return the JSON file's path."""
-    if len(opts.config) > 1:
+def split(argv: list[str]) -> tuple[list[str], list[str]]:
+    """``argv`` as (the benchmark's own flags, the arguments for the CLI)."""
+    own, extra, rest = [], [], list(argv)
+    while rest:
+        arg = rest.pop(0)
+        flag, eq, value = arg.partition("=")
+        if flag not in FLAGS:
+            (own if arg in ("-h", "--help") else extra).append(arg)
+            continue
+        if not eq and rest:
+            value = rest.pop(0)
+        elif not eq:  # a flag without its value: the parser says so
+            own.append(flag)
+            continue
+        if flag == "--config" and any(a.startswith("--config=") for a in own):
+            raise UserError("--config given twice: the benchmark takes one config; give changes as CLI arguments")
+        if flag == "--sections" and not value.startswith("["):
+            value = f"[{value}]"  # train,generate: the list jsonargparse reads as [train,generate]
+        own.append(f"{flag}={value}")
+    return own, extra
+
+
+def check(config: str, sections: list[str], extra: list[str], out: Path) -> None:
+    """Refuse bad input before anything runs or is written."""
+    if not sections:
         raise UserError(
-            f"--config given {len(opts.config)} times ({', '.join(opts.config)}): the benchmark takes one config; "
-            "give changes to it as CLI arguments, e.g. --model.n_layer=2"
+            "--sections is empty: give one or more of train, fit, generate (e.g. --sections train,generate)"
         )
-    opts.config = config = opts.config[0]
-    if not Path(config).is_file():
-        what = "is a folder" if Path(config).is_dir() else "does not exist"
-        raise UserError(f"--config {config}: {what}; give a fit config file, e.g. --config configs/cpu.yaml")
-    out = writable_place("--out", opts.out or f"lightning_logs/bench/{Path(config).stem}.json", "file")
-    if why := cli_refusal(run_args(config, extra, 1)):
-        ours = [a.option_strings[-1] for a in parser()._actions if a.option_strings]
-        for arg in extra:  # a misspelt flag of ours went to the CLI
-            name = arg.split("=", 1)[0]
-            if name.startswith("--") and "." not in name and (hint := did_you_mean(name, ours)):
-                raise UserError(f"{name}: not a benchmark flag{hint}, and the CLI refuses it: {why}")
+    check_writable(out, "--out", folder=False)
+    if why := refusal(run_args(config, extra, 1)):
+        for name in (a.split("=", 1)[0] for a in extra if a.startswith("--") and "." not in a):
+            if close := difflib.get_close_matches(name, FLAGS, n=1):  # a misspelt flag of ours went to the CLI
+                raise UserError(
+                    f"{name}: not a benchmark flag (did you mean {close[0]}?), and the CLI refuses it: {why}"
+                )
         shown = f"--config {config}" + (f" with {' '.join(extra)}" if extra else "")
         raise UserError(f"{shown}: the CLI refuses it: {why}")
-    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
+    """Parse and check every flag (the CLI's too) before a step runs, then benchmark and write the JSON."""
     try:
-        # Every flag is checked here, and the CLI's arguments parsed, before a step runs or a file is written.
-        opts, extra = parser().parse_known_args(argv)
-        out = check(opts, extra)
-        return bench(opts, extra, out)
+        own, extra = split(sys.argv[1:] if argv is None else argv)
+        opts = parser().parse_args(own)
+        out = Path(opts.out or f"lightning_logs/bench/{Path(opts.config).stem}.json")
+        check(opts.config, opts.sections, extra, out)
+    except ArgumentError as e:
+        exit_with(f"{e}; see {PROG} --help")
     except UserError as e:
-        fail(e)
+        exit_with(e)
+    return bench(opts, extra, out)
 
 
-def bench(opts: argparse.Namespace, extra: list[str], out: Path) -> dict:
-    sections = opts.sections
+def bench(opts, extra: list[str], out: Path) -> dict:
     result: dict = {"config": opts.config, "extra_args": extra, "machine": machine()}
-
-    if "train" in sections:
+    if "train" in opts.sections:
         # Alternated, so that a machine whose speed drifts (a shared VM) slows both paths alike.
         lightning, bare = [], []
         for _ in range(opts.repeats):
@@ -279,7 +269,7 @@ def bench(opts: argparse.Namespace, extra: list[str], out: Path) -> dict:
             "batch_fetch_ms": 1000 * fetch,
             "batch_fetch_share_of_step": fetch / step_b,
         }
-    if "fit" in sections:
+    if "fit" in opts.sections:
         fits = [time_fit(opts.config, extra) for _ in range(opts.fit_repeats)]
         result["fit"] = {
             "wall_s": statistics.median(f["wall_s"] for f in fits),
@@ -288,19 +278,18 @@ def bench(opts: argparse.Namespace, extra: list[str], out: Path) -> dict:
             "best_val_loss_each": [f["best_val_loss"] for f in fits],
             "log_dirs": [f["log_dir"] for f in fits],
         }
-    if "generate" in sections:
+    if "generate" in opts.sections:
         result["generate"] = time_generate(opts.config, extra, opts.gen_tokens, opts.repeats)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=2) + "\n")
+    with atomic_open(out) as f:
+        f.write(json.dumps(result, indent=2) + "\n")
     print(table(result))
     print(f"\nwrote {out}")
     return result
 
 
 def table(result: dict) -> str:
-    rows = [("config", f"{result['config']} {' '.join(result['extra_args'])}".strip())]
-    rows += [(k, str(v)) for k, v in result["machine"].items()]
+    rows = [("config", f"{result['config']} {' '.join(result['extra_args'])}".strip()), ("machine", result["machine"])]
     if t := result.get("train"):
         rows += [
             (
@@ -333,6 +322,6 @@ if __name__ == "__main__":
     quiet_third_party()
     if torch.cuda.is_available():
         torch.set_float32_matmul_precision("high")  # as python -m shakespeare_gpt does
-    # The benchmark's own arguments; the runs it builds get theirs through cli.build.
+    # The runs get their arguments through cli.build; LightningCLI warns when sys.argv holds others.
     argv, sys.argv[1:] = sys.argv[1:], []
     main(argv)

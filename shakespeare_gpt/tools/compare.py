@@ -13,24 +13,26 @@ on the val split of the same corpus, with the same prompt and seed.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import io
-import os
-import platform
 import shlex
-import subprocess
 import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import NotEmptyStr, PositiveFloat, PositiveInt
 
-from ..errors import UserError
+from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
+from ..cli import build
+from ..pretrained import source
 from ..sampling import Sampling
-from .checks import ToolParser, fail, whole, writable_place
+from ..utils import UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
+from . import WindowLength
 
+PROG = "python -m shakespeare_gpt.tools.compare"
 REPEATS = 3  # timed generations of each sample
 
 
@@ -61,8 +63,6 @@ def model_args(spec: str, block_size: int | None) -> list[str]:
     """The CLI arguments that choose the model ``spec``."""
     if is_run(spec):
         return ["--ckpt_path", spec]
-    from ..cli import PRETRAINED_MODEL
-
     return ["--model", PRETRAINED_MODEL, "--model.pretrained", spec] + (
         ["--model.block_size", str(block_size)] if block_size else []
     )
@@ -74,8 +74,6 @@ def command(subcommand: str, args: list[str]) -> str:
 
 def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: int | None, sampling: Sampling) -> Row:
     """Validate ``spec`` through the CLI, then sample from the loaded model and time it."""
-    from ..cli import best_checkpoint, build  # the core's entry point
-
     trainer = ["--trainer.accelerator", accelerator]
     validate_args = model_args(spec, block_size) + ["--data.corpus", corpus] + trainer
     quiet = ["--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false"]
@@ -90,7 +88,7 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     # moves the model back to the CPU after validate).
     model, device = cli.model, cli.trainer.strategy.root_device
     model.to(device)
-    idx = sampling.request(model.tokenizer)["idx"].to(device)
+    idx = sampling.encode(model.tokenizer).to(device)
     with cli.trainer.precision_plugin.forward_context():
         g = torch.Generator(device=device).manual_seed(sampling.seed)
         model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
@@ -124,22 +122,8 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     )
 
 
-def temperature(text: str) -> float:
-    """An argparse ``type``: a finite number > 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        value = float("nan")
-    if not 0 < value < float("inf"):
-        raise argparse.ArgumentTypeError(f"--temperature {text}: give a finite number > 0 (--top-k 1 is greedy)")
-    return value
-
-
 def check_model(label: str, spec: str) -> None:
     """A one-line ``UserError`` unless ``spec`` names a checkpoint, a run with one, or a model that can be loaded."""
-    from ..cli import best_checkpoint, read_checkpoint
-    from ..pretrained import source
-
     if not spec:
         raise UserError(
             f"{label}=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name or folder)"
@@ -155,24 +139,6 @@ def check_model(label: str, spec: str) -> None:
         raise UserError(f"{label}: {e}") from None
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    if cpuinfo.is_file():
-        names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines() if "model name" in line]
-        cpu = names[0] if names else cpu
-    where = f"{torch.cuda.get_device_name(0)}" if torch.cuda.is_available() else "no GPU"
-    return f"{cpu}, {os.cpu_count()} cores, {where}; torch {torch.__version__}, Python {platform.python_version()}"
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True)
-        return out.stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def escape(text: str) -> str:
     return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
 
@@ -181,7 +147,7 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, no
     lines = [
         "# Models compared on tiny Shakespeare's val split",
         "",
-        f"Written at commit `{commit()}` on {machine()}, by the command at the end of this report.",
+        f"Written at commit `{git_commit()}` on {machine()}, by the command at the end of this report.",
         "",
         *[line for note in notes for line in (note, "")],
         f"Corpus: `{corpus}`; val split: its last 10% of characters. **bpc**: the split's total negative "
@@ -217,28 +183,33 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, no
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="python -m shakespeare_gpt.tools.compare", description=__doc__.split("\n\n")[0])
+def parser() -> ArgumentParser:
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("models", nargs="+", metavar="MODEL", help="[LABEL=]checkpoint, run folder, Hub name or folder")
     parser.add_argument("--out", default="lightning_logs/compare.md", help="the Markdown report to write")
     parser.add_argument("--corpus", default="tinyshakespeare", help="as --data.corpus")
     parser.add_argument(
         "--block-size",
-        type=whole("--block-size", 2, "a window length in tokens", 256),
+        type=WindowLength,
         default=256,
         help="window of a zero-shot pretrained model (a checkpoint keeps its own)",
     )
-    parser.add_argument("--prompt", default="ROMEO:", help="the prompt of every sample")
-    parser.add_argument("--max-new-tokens", type=whole("--max-new-tokens", 1, "a number of tokens", 200), default=200)
-    parser.add_argument("--temperature", type=temperature, default=0.8, help="as --sample.temperature")
-    parser.add_argument("--top-k", type=whole("--top-k", 1, "a number of tokens", 40), default=None)
+    parser.add_argument("--prompt", type=NotEmptyStr, default="ROMEO:", help="the prompt of every sample")
+    parser.add_argument("--max-new-tokens", type=PositiveInt, default=200, help="tokens of each sample")
+    parser.add_argument("--temperature", type=PositiveFloat, default=0.8, help="as --sample.temperature")
+    parser.add_argument("--top-k", type=PositiveInt | None, default=None, help="as --sample.top_k")
     parser.add_argument("--seed", type=int, default=1337, help="the sampling seed")
     parser.add_argument("--accelerator", default="auto", help="as --trainer.accelerator")
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the report's head (repeatable)")
-    argv, sys.argv[1:] = (sys.argv[1:] if argv is None else argv), []  # the CLI built here reads only what it is given
+    return parser
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Check every flag and find every model, then score them one by one and write the report."""
+    argv = sys.argv[1:] if argv is None else argv
     try:
-        args = parser.parse_args(argv)
-        writable_place("--out", args.out, "file")
+        args = parser().parse_args(argv)
+        check_writable(Path(args.out), "--out", folder=False)
         sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.seed)
         specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.models]
         for label, spec in specs:  # every model found before the first is scored
@@ -248,18 +219,17 @@ def main(argv: list[str] | None = None) -> None:
             rows.append(evaluate(label, spec, args.corpus, args.accelerator, args.block_size, sampling))
             r = rows[-1]
             print(f"{label}: val bpc {r.val_bpc:.4f}, {r.parameters:,} parameters, {r.chars_per_s:,.0f} chars/s")
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.with_name(f".{out.name}.part")
-        tmp.write_text(report(rows, argv, sampling, args.corpus, args.note) + "\n")
-        os.replace(tmp, out)
+        with atomic_open(Path(args.out)) as f:
+            f.write(report(rows, argv, sampling, args.corpus, args.note) + "\n")
+    except ArgumentError as e:
+        exit_with(f"{e}; see {PROG} --help")
     except UserError as e:
-        fail(e)
-    print(f"wrote {out}")
+        exit_with(e)
+    print(f"wrote {args.out}")
 
 
 if __name__ == "__main__":
-    from ..cli import quiet_third_party
-
     quiet_third_party()
-    main()
+    # The runs get their arguments through cli.build; LightningCLI warns when sys.argv holds others.
+    argv, sys.argv[1:] = sys.argv[1:], []
+    main(argv)

@@ -11,13 +11,19 @@ Needs the ``pretrained`` extra.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
-from ..data import BUNDLED, read_corpus
-from ..errors import UserError
-from .checks import ToolParser, fail, whole, writable_place
+from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse.typing import PositiveInt, restricted_number_type
 
+from ..data import BUNDLED, read_corpus
+from ..utils import UserError, check_writable, exit_with, quiet_third_party
+from . import WindowLength
+
+PROG = "python -m shakespeare_gpt.tools.tiny_gpt2"
 EOS = "<|endoftext|>"
+VocabSize = restricted_number_type("VocabSize", int, (">=", 300))  # 256 bytes, the EOS token and some merges
 
 
 def make_tiny_gpt2(
@@ -62,29 +68,29 @@ def make_tiny_gpt2(
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = ToolParser(prog="python -m shakespeare_gpt.tools.tiny_gpt2", description=__doc__.split("\n\n")[0])
+    parser = ArgumentParser(prog=PROG, description=__doc__.split("\n\n")[0], exit_on_error=False)
     parser.add_argument("folder", help="where to save the model and its tokenizer")
     parser.add_argument("--corpus", default=BUNDLED, help="text to train the tokenizer on (as --data.corpus)")
-    parser.add_argument("--vocab-size", type=whole("--vocab-size", 300, "a vocabulary size", 512), default=512)
-    parser.add_argument("--n-layer", type=whole("--n-layer", 1, "a number of blocks", 4), default=4)
-    parser.add_argument("--n-head", type=whole("--n-head", 1, "a number of heads", 4), default=4)
-    parser.add_argument("--n-embd", type=whole("--n-embd", 1, "a width", 128), default=128)
-    parser.add_argument("--n-positions", type=whole("--n-positions", 2, "a context length", 256), default=256)
+    parser.add_argument("--vocab-size", type=VocabSize, default=512, help="tokens of the BPE vocabulary")
+    parser.add_argument("--n-layer", type=PositiveInt, default=4, help="transformer blocks")
+    parser.add_argument("--n-head", type=PositiveInt, default=4, help="attention heads")
+    parser.add_argument("--n-embd", type=PositiveInt, default=128, help="width, a multiple of --n-head")
+    parser.add_argument("--n-positions", type=WindowLength, default=256, help="context length in tokens")
     try:
-        args = parser.parse_args(argv)
+        args = parser.parse_args(sys.argv[1:] if argv is None else argv)
         if args.n_embd % args.n_head:
             raise UserError(f"--n-embd {args.n_embd} is not a multiple of --n-head {args.n_head}")
-        writable_place("folder", args.folder, "folder")
+        check_writable(Path(args.folder), "folder")
         folder = make_tiny_gpt2(
             args.folder, args.corpus, args.vocab_size, args.n_layer, args.n_head, args.n_embd, args.n_positions
         )
+    except ArgumentError as e:
+        exit_with(f"{e}; see {PROG} --help")
     except UserError as e:
-        fail(e)
+        exit_with(e)
     print(f"saved a tiny GPT-2 (random weights) and its tokenizer to {folder}")
 
 
 if __name__ == "__main__":
-    from ..cli import quiet_third_party
-
     quiet_third_party()
     main()
