@@ -1,0 +1,244 @@
+"""The study's report: ``README.md`` with a verdict on each claim and tables, and its PNG plots.
+
+It reads only the per-run results (the CSV they are collected into), so ``--report-only`` writes it
+again from a committed results.csv.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from pathlib import Path
+
+from ...utils import UserError
+from .runner import plan, read_csv
+from .study import Run, Study
+from .verdicts import LEVEL, Table, Verdict, aggregate, best_lr, evaluate, t_quantile
+
+RULE = (
+    "Each comparison is a difference d = metric(a) - metric(b) between two variants, estimated from the "
+    "seeds' means, with a 95% interval from Welch's t (standard error from each point's seed-to-seed "
+    "variance, degrees of freedom by Welch-Satterthwaite; a difference of several points' means, as in "
+    "lr_spread and across_lr, uses the same formula over all of them). The interval decides: a claim that "
+    "a is lower (higher) is supported when the interval lies below (above) zero, contradicted when it lies "
+    "above (below) zero, inconclusive when it contains zero. A claim of no effect (equal) is supported "
+    "when the interval lies inside +-margin, contradicted when it lies wholly outside it, inconclusive "
+    "otherwise; not_lower (not_higher) is supported when the interval lies above -margin (below +margin) "
+    "and contradicted when it lies wholly below -margin (above +margin). A claim tested at every learning "
+    "rate, or made of several comparisons, is supported when every test is, contradicted when any test is, "
+    "inconclusive otherwise. A point with one seed, or with no spread between its seeds, gives no interval "
+    "and so no verdict; a comparison with no learning rate both variants ran is not testable. "
+    "A variant's best learning rate is the one with the lowest mean best val loss (and its worst, in "
+    "lr_spread, the highest); across_lr compares each rate with the grid's middle rate. What the intervals "
+    "do not allow for: the best and worst rates are chosen on the same runs; a claim tested at several "
+    "rates or by several comparisons is contradicted by any one of them, with no correction for "
+    "multiplicity; points whose intervals straddled got more seeds and were looked at again (two looks); "
+    "an equivalence supported by a 95% interval is a two one-sided test at 2.5% each side, stricter than "
+    "the common 90% interval."
+)
+
+
+def missing_runs(wanted: list[Run], results: list[dict]) -> int:
+    """How many of the runs ``plan`` wants have no result yet."""
+    done = {(r["variant"], float(r["lr"]), r["seed"]) for r in results}
+    return sum((r.variant, r.lr, r.seed) not in done for r in wanted)
+
+
+def half_width(samples: list[float]) -> float:
+    """Half the 95% t interval of a mean; 0 for one sample."""
+    if len(samples) < 2:
+        return 0.0
+    return t_quantile(0.5 + LEVEL / 2, len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
+
+
+def plot(table: Table, out: Path) -> list[str]:
+    """val_vs_lr.png (a panel per variant), best_val.png and gap.png (a bar per variant at its best lr)."""
+    try:
+        import matplotlib
+    except ImportError:
+        raise UserError('the report\'s plots need matplotlib: pip install -e ".[report]"') from None
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    variants = sorted(table, key=lambda v: table[v][best_lr(table[v])].val)
+    cols, rows = 4, -(-len(variants) // 4)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
+    ref = table.get("baseline")
+    for ax, v in zip(axes.flat, variants, strict=False):
+        lrs = sorted(table[v])
+        if ref is not None and v != "baseline":
+            ax.plot(sorted(ref), [ref[lr].val for lr in sorted(ref)], "--", color="grey", label="baseline")
+        vals, errors = [table[v][lr].val for lr in lrs], [half_width(table[v][lr].vals) for lr in lrs]
+        ax.errorbar(lrs, vals, yerr=errors, marker="o", capsize=3)
+        ax.set_xscale("log")
+        ax.set_title(v, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(variants) :]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel("learning rate")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("best val loss")
+    fig.suptitle("Best val loss against learning rate (mean over seeds, 95% t interval)")
+    fig.tight_layout()
+    fig.savefig(out / "val_vs_lr.png", dpi=100)
+    plt.close(fig)
+
+    for name, metric, label in [
+        ("best_val.png", "val", "best val loss at the variant's best learning rate (95% t interval)"),
+        ("gap.png", "gap", "final val loss - train loss at the variant's best learning rate (95% t interval)"),
+    ]:
+        fig, ax = plt.subplots(figsize=(8, 0.4 * len(variants) + 1))
+        points = [table[v][best_lr(table[v])] for v in variants]
+        means = [p.val if metric == "val" else p.gap for p in points]
+        errors = [half_width(p.samples(metric)) for p in points]
+        ax.barh(variants, means, xerr=errors, capsize=3)
+        ax.invert_yaxis()
+        ax.set_xlabel(label)
+        if metric == "val":
+            ax.set_xlim(min(means) - 0.1, max(m + e for m, e in zip(means, errors, strict=True)) + 0.05)
+        ax.grid(axis="x", alpha=0.3)
+        fig.tight_layout()
+        fig.savefig(out / name, dpi=100)
+        plt.close(fig)
+    return ["val_vs_lr.png", "best_val.png", "gap.png"]
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|")
+
+
+def _point(table: Table, v: str, lr: float, metric: str) -> str:
+    p = table[v][lr]
+    mean, sd = (p.gap, p.gap_sd) if metric == "gap" else (p.val, p.val_sd)
+    return f"{v} {mean:.4f} (sd {sd:.4f}, n={p.n}) at lr {lr:g}"
+
+
+def verdict_rows(table: Table, verdicts: list[Verdict]) -> list[str]:
+    """The verdict table: one row per claim, with every test behind it."""
+    lines = ["| # | claim | verdict | numbers (d = a - b, 95% interval) |", "|---|---|---|---|"]
+    for v in verdicts:
+        evidence = v.note or "; ".join(
+            f"{t.part.a} vs {t.part.b}, {t.part.metric} {t.part.expect}, {t.label}: d = {t.estimate} -> {t.verdict}"
+            + (f" ({' - '.join(_point(table, *p, t.part.metric) for p in t.points)})" if len(t.points) == 2 else "")
+            for t in v.tests
+        )
+        lines.append(f"| {v.claim.id} | {_cell(v.claim.claim)} | **{v.verdict}** | {_cell(evidence)} |")
+    return lines
+
+
+def companion(path: Path, reports: Path) -> list[str]:
+    """The section of a study named under ``also``: its verdicts from its report folder's CSV, if it has one."""
+    other = Study.load(path)
+    csv_path = reports / other.name / "results.csv"
+    lines = [f"## Also: {other.name} (`{path.name}`)", ""]
+    if not csv_path.is_file():
+        return [*lines, f"Not yet measured: there is no `{other.name}/results.csv` beside this report."]
+    results = read_csv(csv_path, other)
+    table = aggregate(results)
+    machines = sorted({r.get("machine", "") for r in results} - {""})
+    wanted, _ = plan(other, results)
+    lines += [
+        f"{len(results)} runs; machine(s): {'; '.join(machines) or 'not recorded'}; "
+        f"report: [{other.name}/README.md](../{other.name}/README.md).",
+        "",
+    ]
+    if missing := missing_runs(wanted, results):
+        lines += [
+            f"**Not finished:** {missing} of the {len(wanted)} runs it plans so far have not run; verdicts may change.",
+            "",
+        ]
+    return lines + verdict_rows(table, evaluate(other, table))
+
+
+def write_report(study: Study, results: list[dict], out: Path, study_file: str, commit: str = "") -> Path:
+    """Write ``out/README.md`` and its PNG plots from ``results``; return the Markdown file's path."""
+    out.mkdir(parents=True, exist_ok=True)
+    table = aggregate(results)
+    plots = plot(table, out)
+    seeds = sorted({r["seed"] for r in results})
+    steps = sorted({r["steps"] for r in results})
+    lrs = sorted({float(r["lr"]) for r in results})
+    commits = sorted({r.get("commit", "") for r in results} - {""})
+    machines = sorted({r.get("machine", "") for r in results} - {""})
+    hours = sum(r["seconds"] for r in results) / 3600
+    wanted, notes = plan(study, results)
+    lines = [f"# Ablation study: {study.name}", ""]
+    if missing := missing_runs(wanted, results):
+        lines += [
+            f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "
+            "have not run (and finishing them may add rounds). The verdicts below are from the runs so far and "
+            f"may change: run `python -m shakespeare_gpt.tools.ablate {study_file}` to go on.",
+            "",
+        ]
+    lines += [
+        f"Study file `{study_file}`; {len(results)} runs of {len(table)} variants at learning rates "
+        f"{', '.join(f'{lr:g}' for lr in lrs)} with seeds {', '.join(map(str, seeds))} "
+        f"({'/'.join(map(str, steps))} steps each), base config `{study.base.name}`"
+        + (f", extra arguments `{' '.join(study.args)}`" if study.args else "")
+        + f". {hours:.1f} hours of run time in all (the sum over runs, each timed in its worker).",
+        "",
+        f"- Runs computed by the code at commit(s) {', '.join(f'`{c}`' for c in commits) or 'not recorded'}"
+        + (f"; this report written at `{commit}`" if commit else "")
+        + ".",
+        f"- Machine(s): {'; '.join(machines) or 'not recorded'}.",
+        f"- Study file sha256 `{hashlib.sha256(Path(study_file).read_bytes()).hexdigest()[:16]}`"
+        " (the claims, margin and grids as judged here).",
+        "- Every run is a row of [results.csv](results.csv); "
+        f"`python -m shakespeare_gpt.tools.ablate {study_file} --report-only` writes this report again from it.",
+        "",
+        "Losses are full passes: `val` over the whole val split, `train` over a train stretch of the "
+        "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "
+        "`final` the last; the gap is final val - final train.",
+        "",
+        "## Verdicts",
+        "",
+        f"Rule: {RULE}" + (f" The equivalence margin is {study.margin:g} nats." if study.margin else ""),
+        "",
+        *verdict_rows(table, evaluate(study, table)),
+    ]
+    if notes:
+        lines += ["", "## Rounds", "", "Runs the study added to its first grid, and why (see `plan` in runner.py):", ""]
+        lines += [f"- {note}" for note in notes]
+    for other in study.also:
+        lines += ["", *companion(other, out.parent)]
+    lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
+    lines += [
+        "",
+        "## Each variant at its best learning rate",
+        "",
+        "A best lr marked *edge* lies at an end of the variant's grid: it might do better beyond it. "
+        "Mean +- standard deviation over seeds (the plots' bars are 95% t intervals of the mean).",
+        "",
+        "| variant | best lr | seeds | best val loss | final val | best train | final train | gap | unigram loss |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in sorted(table, key=lambda v: table[v][best_lr(table[v])].val):
+        lr = best_lr(table[v])
+        p = table[v][lr]
+        edge = " *edge*" if lr in (min(table[v]), max(table[v])) and len(table[v]) > 1 else ""
+        lines.append(
+            f"| {v} | {lr:g}{edge} | {p.n} | {p.val:.4f} +- {p.val_sd:.4f} | {p.final_val:.4f} | "
+            f"{p.best_train:.4f} | {p.final_train:.4f} | {p.gap:+.4f} +- {p.gap_sd:.4f} | {p.unigram:.4f} |"
+        )
+    lines += [
+        "",
+        "## Every point",
+        "",
+        "Mean +- standard deviation over seeds. Seeds whose loss became NaN or infinite are counted under "
+        "*diverged* and enter the means with their validations before that.",
+        "",
+        "| variant | lr | seeds | diverged | best val loss | final val | best train | final train | gap |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for v in sorted(table):
+        for lr in sorted(table[v]):
+            p = table[v][lr]
+            lines.append(
+                f"| {v} | {lr:g} | {p.n} | {p.diverged} | {p.val:.4f} +- {p.val_sd:.4f} | {p.final_val:.4f} | "
+                f"{p.best_train:.4f} | {p.final_train:.4f} | {p.gap:+.4f} +- {p.gap_sd:.4f} |"
+            )
+    path = out / "README.md"
+    path.write_text("\n".join(lines) + "\n")
+    return path

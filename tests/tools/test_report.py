@@ -1,0 +1,58 @@
+"""The report: each verdict with the numbers behind it, the rounds, an unfinished study said as such, the
+studies under ``also``, and the plots (from synthetic results: no training)."""
+
+from shakespeare_gpt.tools.ablate.report import write_report
+from shakespeare_gpt.tools.ablate.runner import write_csv
+from shakespeare_gpt.tools.ablate.study import Run
+
+from .test_verdicts import FLAT, MIDDLE, grid, results, shifted, study
+
+
+def test_the_report_shows_each_verdict_with_its_numbers_and_the_plots(tmp_path):
+    s = study(tmp_path, [{"id": 4, "claim": "a beats | b.", "compare": ["a", "b"]}], max_seeds=4)
+    rows = results(grid(shifted(FLAT, -0.1), FLAT))
+    path = write_report(s, rows, tmp_path / "report", str(tmp_path / "study.yaml"), "abc123")
+    text = path.read_text()
+    row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
+    assert row.startswith(
+        "| 4 | a beats \\| b. | **supported** | a vs b, val lower, at best lrs (0.001, 0.001): d = -0.1000 ["
+    )
+    assert "a 1.9000 (sd 0.0050, n=3) at lr 0.001 - b 2.0000 (sd 0.0050, n=3) at lr 0.001" in row
+    assert "this report written at `abc123`" in text and "Study file sha256 `" in text and "Interim" not in text
+    assert "## Rounds" not in text and "| a | 0.001 *edge* | 3 | 1.9000 +- 0.0050 |" in text
+    for png in ("val_vs_lr.png", "best_val.png", "gap.png"):
+        assert (tmp_path / "report" / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+def test_an_unfinished_study_says_so_and_lists_the_rounds(tmp_path):
+    s = study(tmp_path, [{"id": 1, "claim": "c", "compare": ["a", "b"]}], max_seeds=4)
+    text = write_report(s, results(grid(shifted(FLAT, -0.004), FLAT)), tmp_path, str(tmp_path / "study.yaml"))
+    text = text.read_text()
+    assert "**Interim report: the study is not finished.** 2 of the 20 runs it plans so far have not run" in text
+    assert "## Rounds\n\nRuns the study added to its first grid, and why (see `plan` in runner.py):" in text
+    assert "- claim 1: the interval of at best lrs (0.001, 0.001) straddles its threshold: 4 seeds" in text
+
+
+def test_a_study_named_under_also_joins_the_report_and_says_when_it_is_not_finished(tmp_path):
+    (tmp_path / "big").mkdir()
+    big = study(tmp_path / "big", [{"id": 10, "claim": "a beats b at full scale.", "compare": ["a", "b"]}], name="big")
+    s = study(tmp_path, [{"id": 4, "claim": "a beats b.", "compare": ["a", "b"]}], also=["big/study.yaml"])
+    better = shifted(FLAT, -0.1)
+    reports = tmp_path / "reports"
+
+    def report() -> str:
+        rows = results(grid(better, FLAT))
+        return write_report(s, rows, reports / "synthetic", str(tmp_path / "study.yaml")).read_text()
+
+    assert "## Also: big (`study.yaml`)\n\nNot yet measured: there is no `big/results.csv`" in report()
+    rows = results(grid(better, MIDDLE))
+    for r in rows:
+        r["settings"] = big.settings(Run(r["variant"], r["lr"], r["seed"]))
+    write_csv(rows[:-1], reports / "big" / "results.csv")  # one run of 18 to go
+    text = report()
+    assert "17 runs; machine(s): not recorded" in text and "| 10 | a beats b at full scale. | **" in text
+    assert "**Not finished:** 1 of the 18 runs it plans so far have not run; verdicts may change." in text
+    write_csv(rows, reports / "big" / "results.csv")
+    text = report()
+    assert "18 runs; machine(s)" in text and "Not finished" not in text
+    assert "| 10 | a beats b at full scale. | **supported** |" in text
