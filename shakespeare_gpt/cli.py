@@ -7,6 +7,7 @@ of the classes' signatures (jsonargparse's) and by Lightning; their refusals end
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 
@@ -101,9 +102,8 @@ class ShakespeareCLI(LightningCLI):
             model.trust_remote_code = bool(self.runtime_settings["trust_remote_code"])
         if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
             # --trainer.enable_progress_bar false wins over a config's bar (Lightning refuses the two together).
-            callbacks = (
-                config.trainer.callbacks if isinstance(config.trainer.callbacks, list) else [config.trainer.callbacks]
-            )
+            callbacks = config.trainer.callbacks
+            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         check_memory(config, self.subcommand)
         if self.subcommand in ("validate", "test", "predict"):
@@ -197,7 +197,11 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
     batch = config.sample.num_samples if flag == "num_samples" else config.data.get(flag or "batch_size")
     batch = batch or config.data.batch_size
     cuda = str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    have = torch.cuda.get_device_properties(0).total_memory if cuda else _host_memory()
+    have = (
+        torch.cuda.get_device_properties(0).total_memory
+        if cuda
+        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    )
     need = arch.memory_bytes(batch, training=subcommand in ("fit", None))
     if need > have:
         where = "--sample" if flag == "num_samples" else "--data"
@@ -206,12 +210,6 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
             f"{need / 2**30:.0f} GiB, more than the {have / 2**30:.0f} GiB {'this GPU' if cuda else 'this machine'} "
             "has: choose a smaller batch or --model.block_size"
         )
-
-
-def _host_memory() -> int:
-    import os
-
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def build(args: list[str] | dict | None = None, run: bool = False, save_config: bool = True) -> ShakespeareCLI:

@@ -244,16 +244,9 @@ class ShakespeareGPT(LanguageModel):
         x, y = batch[0], batch[1]
         return (self.compiled_forward or self.model)(x, y)[1]  # the model's own cross-entropy
 
-    def generate(
-        self,
-        idx: torch.Tensor,
-        max_new_tokens: int,
-        temperature: float = 1.0,
-        top_k: int | None = None,
-        generator: torch.Generator | None = None,
-    ) -> torch.Tensor:
-        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled characters."""
-        return generate(self.model, idx, max_new_tokens, temperature, top_k, generator)
+    def generate(self, idx: torch.Tensor, *args, **kwargs) -> torch.Tensor:
+        """Extend each row of ``idx`` (B, T) by sampled characters: ``sampling.generate``'s arguments."""
+        return generate(self.model, idx, *args, **kwargs)
 
     def on_load_checkpoint(self, checkpoint: dict) -> None:
         # Networks wrapped by ``torch.compile(model)`` name parameters ``model._orig_mod.<name>``.

@@ -31,7 +31,7 @@ class SaveFirstBatch(Callback):
 
 
 def test_two_process_ddp_fit(corpus_dir, tmp_path, monkeypatch):
-    callback = json.dumps({"class_path": "tests.test_ddp.SaveFirstBatch", "init_args": {"folder": str(tmp_path)}})
+    callback = json.dumps({"class_path": "tests.e2e.test_ddp.SaveFirstBatch", "init_args": {"folder": str(tmp_path)}})
     args = [
         *tiny_fit_args(corpus_dir, 4),
         "--trainer.strategy=ddp",

@@ -64,7 +64,7 @@ class Pace(Callback):
 def start_fit(folder: Path, *extra: str, paced: bool = False, pace: float = 0.05) -> subprocess.Popen:
     args = [*FIT, *extra]
     if paced:
-        pacer = {"class_path": "tests.test_interrupts.Pace", "init_args": {"seconds": pace}}
+        pacer = {"class_path": "tests.e2e.test_interrupts.Pace", "init_args": {"seconds": pace}}
         args.append("--trainer.callbacks+=" + json.dumps(pacer))
     env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
     return subprocess.Popen(
