@@ -1,5 +1,5 @@
 # From a fresh clone:   make demo   (set up, train the CPU recipe, print samples)
-#                       make test   (set up, lint, run the tests)
+#                       make test   (set up, lint, run the fast and the slow tier of tests)
 #
 # Set-up makes a virtual environment in .venv (once; again when pyproject.toml changes) with
 # PyTorch installed first, so that pip never swaps it for another build. Choose the build with
@@ -26,6 +26,7 @@ test: $(VENV)/.installed
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/pytest
+	$(BIN)/pytest -m slow
 
 setup: $(VENV)/.installed
 

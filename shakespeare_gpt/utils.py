@@ -105,9 +105,9 @@ def lock(path: Path, busy: str, create: bool = True) -> IO | None:
     """An exclusive lock on the file ``path``, held while the returned file stays open.
 
     The operating system's advisory lock (``flock``): it goes when the process ends, however it
-    ends, so a stale lock file never blocks anyone. Held by another process: a ``UserError`` that
-    says ``busy`` and who holds it. ``create=False`` only asks, creating nothing: without the file
-    nothing holds the lock, and None is returned.
+    ends, so a stale lock file never blocks anyone. The holder writes who it is into the file.
+    Held by another process: a ``UserError`` that says ``busy`` and who holds it. ``create=False``
+    only asks, changing nothing: without the file nothing holds the lock, and None is returned.
     """
     path = Path(path)
     if fcntl is None or not (create or path.exists()):
@@ -121,10 +121,10 @@ def lock(path: Path, busy: str, create: bool = True) -> IO | None:
         holder = handle.read().strip() or "another process"
         handle.close()
         raise UserError(f"{busy} ({holder} holds {path})") from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
-    handle.flush()
+    if create:
+        handle.truncate(0)
+        handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
+        handle.flush()
     return handle
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -214,7 +215,8 @@ def test_two_resumes_of_one_run_do_not_both_write_into_it(reference, tmp_path):
     second = fit(folder, "--ckpt_path=last")
     assert second.returncode == 1
     assert second.stderr.strip().splitlines()[-1] == (
-        f"error: {RUN} is being written by another fit right now: wait for it to finish, or stop it first"
+        f"error: {RUN} is being written by another fit right now: wait for it to finish, or stop it first "
+        f"(pid {first.pid} on {socket.gethostname()} holds {RUN}/.lock)"
     )
     _, err = first.communicate(timeout=120)
     assert first.returncode == 0, err

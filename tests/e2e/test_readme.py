@@ -5,7 +5,8 @@ is run in order, in one scratch folder, as a user would type it, with only these
 stay fast: training commands get a tiny model and a few steps (``SMALL``), ``make demo`` gets
 them through its ``FIT_ARGS`` and uses the installed environment, the study runs two variants at
 one learning rate and seed for a few steps, and TensorBoard is started on the logs and asked what
-it serves. ``make test`` and ``pytest`` are what CI runs (``.ci/run``), so they are checked to be there, not run.
+it serves. ``make test``, ``pytest`` and ``pytest -m slow`` are what CI runs (``.ci/run``), so they
+are checked to be there, not run.
 """
 
 from __future__ import annotations
@@ -133,10 +134,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
             out = run(["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"FIT_ARGS={fit_args}"], folder)
             assert out.stdout.count("----- sample") == 2
             assert (folder / "lightning_logs" / "samples.txt").read_text().count("----- sample") == 2
-        elif line in ("make test", ". .venv/bin/activate && pytest"):
-            # CI runs these (.ci/run: make's set-up, then pytest); here they would run this test again.
-            ci = (ROOT / ".ci" / "run").read_text().split()
-            assert "setup" in ci and "pytest" in ci
+        elif line in ("make test", ". .venv/bin/activate && pytest", "pytest -m slow"):
+            # CI runs these (.ci/run: make's set-up, then both tiers); here they would run this test again.
+            ci = (ROOT / ".ci" / "run").read_text()
+            assert "make setup" in ci and "\npytest\n" in ci and "\npytest -m slow\n" in ci
         elif words[0] == "shakespeare-gpt":
             extra = []
             if words[1] == "fit":
