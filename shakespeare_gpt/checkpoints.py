@@ -1,26 +1,29 @@
 """Checkpoints and runs on disk: the best checkpoint of a folder of runs, the run ``--ckpt_path last``
 continues, and a checkpoint checked against the model flags of the command that reads it.
 
-Used by the CLI before Lightning reads a checkpoint (so a bad one is one line, not a traceback,
-and nothing is written) and by the tools that take a run folder.
+Used by the CLI before Lightning reads a checkpoint (``resolve``: a bad one is one line, not a
+traceback, and nothing is written) and by the tools that take a run folder.
 """
 
 from __future__ import annotations
 
 import re
+import sys
 from pathlib import Path
 
 import torch
-from jsonargparse import ArgumentParser, Namespace
+from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
+from .lightning_module import LanguageModel, ShakespeareGPT
+from .pretrained import PretrainedLM
 from .utils import UserError, lock
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
 RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code", "pretrained")  # pretrained: where, not what
-CHAR_MODEL = "shakespeare_gpt.lightning_module.ShakespeareGPT"  # --model's class unless a config says
-PRETRAINED_MODEL = "shakespeare_gpt.pretrained.PretrainedLM"
+CHAR_MODEL = f"{ShakespeareGPT.__module__}.{ShakespeareGPT.__name__}"  # --model's class unless a config says
+PRETRAINED_MODEL = f"{PretrainedLM.__module__}.{PretrainedLM.__name__}"
 HINT = (
     "give a .ckpt file, e.g. lightning_logs/cpu/version_0/checkpoints/last.ckpt, "
     "or a folder of runs, e.g. lightning_logs/cpu, for the checkpoint with the lowest val loss among them"
@@ -31,6 +34,28 @@ LAST = f"{ModelCheckpoint.CHECKPOINT_NAME_LAST}{ModelCheckpoint.FILE_EXTENSION}"
 def class_name(class_path: str) -> str:
     """The class a ``class_path`` names, in any of the forms jsonargparse writes it."""
     return str(class_path).rpartition(".")[2]
+
+
+def resolve(config: Namespace, subcommand: str):
+    """For the command line, before Lightning reads ``--ckpt_path``: ``last`` becomes the run to continue,
+    a folder its best checkpoint, and the checkpoint is read and checked against the model flags. One
+    line if anything is wrong, and nothing written. Returns the run a resume continues, or None."""
+    if config.ckpt_path in ("last", "best") and subcommand != "fit":
+        raise UserError(
+            f"--ckpt_path {config.ckpt_path} names a checkpoint of a training run in progress; "
+            f"to {subcommand}, give a checkpoint or a run folder (e.g. lightning_logs/cpu)"
+        )
+    run = None
+    if config.ckpt_path == "last":
+        path, run = resume(config)
+    elif Path(config.ckpt_path).is_dir() and subcommand != "fit":
+        path = best_checkpoint(Path(config.ckpt_path))
+        print(f"checkpoint: {path}", file=sys.stderr)
+    else:
+        path = config.ckpt_path
+    config.ckpt_path = str(path)
+    check_matches(config.model, read_checkpoint(path), path)
+    return run
 
 
 def runs_in(root: Path) -> list[Path]:
@@ -92,7 +117,9 @@ def resume(config: Namespace) -> tuple[Path, Path | None]:
     whatever was logged after the checkpoint (steps a ``kill -9`` lost), so each step stays once.
     """
     dirpath, logger = config.checkpoint.get("dirpath"), config.trainer.get("logger")
-    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith("TensorBoard")
+    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(
+        ("TensorBoard", "TensorBoardLogger")
+    )
     if dirpath or not tensorboard:
         folder = Path(dirpath or config.trainer.get("default_root_dir") or ".", "" if dirpath else "checkpoints")
         return _last_checkpoint(folder, folder), None
@@ -123,15 +150,12 @@ def _last_checkpoint(folder: Path, run: Path) -> Path:
 
 def model_defaults(class_path: str) -> dict:
     """Every setting the command line takes for the model class ``class_path``, with its default."""
-    parser = ArgumentParser()
-    parser.add_subclass_arguments(_model_base(), "model", required=True)
-    return parser.parse_args(["--model", class_path]).model.init_args.as_dict()
-
-
-def _model_base():
-    from .lightning_module import LanguageModel  # the checkpoints' classes; imported when one is read
-
-    return LanguageModel
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_subclass_arguments(LanguageModel, "model", required=True)
+    try:
+        return parser.parse_args(["--model", class_path]).model.init_args.as_dict()
+    except ArgumentError:
+        raise UserError(f"no model class {class_path} here: use the version of shakespeare-gpt that wrote it") from None
 
 
 def check_matches(model: Namespace, ckpt: dict, path: str | Path) -> None:

@@ -7,8 +7,7 @@ of the classes' signatures (jsonargparse's) and by Lightning; their refusals end
 
 from __future__ import annotations
 
-import os
-import sys
+import dataclasses
 from pathlib import Path
 
 import torch
@@ -29,10 +28,10 @@ from .callbacks import (
     Throughput,
 )
 from .data import ShakespeareDataModule
-from .lightning_module import CharModelSettings, LanguageModel
+from .lightning_module import CharModelSettings, LanguageModel, Recipe
 from .pretrained import PretrainedLM  # noqa: F401 (known to --model by its short name)
 from .sampling import Sampling
-from .utils import UserError, check_writable, exit_with
+from .utils import UserError, check_writable, exit_with, host_memory
 
 PROG = "shakespeare-gpt"
 DESCRIPTION = (
@@ -87,10 +86,8 @@ class ShakespeareCLI(LightningCLI):
         config = self.config[subcommand] if subcommand else self.config
         # How the run is executed stays the command line's, whatever the checkpoint says (see before_instantiate).
         self.runtime_settings = {k: config.model.init_args.get(k) for k in checkpoints.RUNTIME_SETTINGS}
-        self.run_lock, self.checkpoint_vocab = None, None
         check_run(config, subcommand)
-        if subcommand and config.get("ckpt_path") not in (None, "best"):  # before Lightning reads it: one line if bad
-            self.run_lock, self.checkpoint_vocab = read_checkpoint(config, subcommand)
+        self.resumed_run = checkpoints.resolve(config, subcommand) if subcommand and config.get("ckpt_path") else None
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -110,7 +107,7 @@ class ShakespeareCLI(LightningCLI):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
             config.trainer.logger = False
-        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock(self.run_lock)]
+        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock()]
         if config.trainer.get("logger") not in (False, None):  # the learning-rate curve and samples need a logger
             callbacks += [LearningRateMonitor(logging_interval="step"), TextSample()]
         self.trainer_defaults["callbacks"] = callbacks
@@ -131,51 +128,36 @@ class ShakespeareCLI(LightningCLI):
             raise UserError(f"--trainer settings refused by Lightning: {e}") from None
 
     def after_instantiate_classes(self) -> None:
-        # fit takes a character model's vocabulary from the corpus: resumed, it must be the checkpoint's.
-        corpus_vocab = self.model.hparams.get("vocab")
-        if self.subcommand == "fit" and self.checkpoint_vocab not in (None, corpus_vocab):
-            unknown = "".join(sorted(set(corpus_vocab) - set(self.checkpoint_vocab)))
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        # fit reads a character model's vocabulary from the corpus; resumed, it must be the checkpoint's.
+        saved, read = config.model.init_args.get("vocab"), self.model.hparams.get("vocab")
+        if self.resumed_run is not None and saved not in (None, read):
+            unknown = "".join(sorted(set(read) - set(saved)))
             raise UserError(
                 f"the corpus {self.datamodule.corpus} does not fit the checkpoint: "
                 + (f"characters not in its vocabulary: {unknown!r}" if unknown else "it lacks some of its characters")
                 + "; resume the run on the corpus it was trained on"
             )
+        if self.resumed_run is not None and rank_zero_only.rank == 0:  # every check passed: the run is ours
+            run_lock = next(c for c in self.trainer.callbacks if isinstance(c, RunLock))
+            run_lock.handle = checkpoints.lock_run(self.resumed_run)
 
     def before_predict(self) -> None:
         self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings
-
-
-def read_checkpoint(config: Namespace, subcommand: str):
-    """Resolve ``--ckpt_path`` (``last``: the run to continue; a folder: its best checkpoint) and check it
-    against the model flags. Returns a resumed run's lock (taken once every check has passed) and the
-    checkpoint's vocabulary."""
-    run = None
-    if config.ckpt_path == "last" and subcommand == "fit":
-        path, run = checkpoints.resume(config)
-    elif Path(config.ckpt_path).is_dir() and subcommand != "fit":
-        path = checkpoints.best_checkpoint(Path(config.ckpt_path))
-        print(f"checkpoint: {path}", file=sys.stderr)
-    else:
-        path = config.ckpt_path
-    if config.ckpt_path == "last" and subcommand != "fit":
-        raise UserError(f"--ckpt_path last continues a training run; to {subcommand}, give a checkpoint or run folder")
-    config.ckpt_path = str(path)
-    ckpt = checkpoints.read_checkpoint(path)
-    checkpoints.check_matches(config.model, ckpt, path)
-    lock = checkpoints.lock_run(run) if run is not None and rank_zero_only.rank == 0 else None
-    return lock, ckpt["hyper_parameters"].get("vocab")
 
 
 def check_run(config: Namespace, subcommand: str | None) -> None:
     """What Lightning takes and then fails on, and every folder and file the run will write, tried
     before anything is written."""
     model, trainer = config.model.init_args, config.trainer
-    if trainer.get("val_check_interval") == 0:  # Lightning takes it, then divides by it
-        raise UserError("--trainer.val_check_interval 0: give the number of training steps between validations")
-    if model.get("lr_schedule") == "cosine" and not model.get("decay_steps") and trainer.get("max_steps") == -1:
-        raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
+    for flag in ("val_check_interval", "log_every_n_steps"):  # Lightning takes 0, then divides by it
+        if trainer.get(flag) == 0:
+            raise UserError(f"--trainer.{flag} 0: give a number of training steps >= 1")
+    recipe = Recipe(**{f.name: model[f.name] for f in dataclasses.fields(Recipe) if f.name in model})
+    recipe.decay_steps_of(trainer.get("max_steps"))  # a cosine schedule needs an end
     if subcommand == "predict":
         check_writable(Path(config.writer.path), "--writer.path", folder=False)
+    if subcommand not in ("fit", None):  # only fit writes logs and checkpoints
         return
     logger, dirpath = config.trainer.get("logger"), config.get("checkpoint", Namespace()).get("dirpath")
     logs = isinstance(logger, Namespace) and logger.get("init_args") and logger.init_args.get("save_dir")
@@ -197,11 +179,7 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
     batch = config.sample.num_samples if flag == "num_samples" else config.data.get(flag or "batch_size")
     batch = batch or config.data.batch_size
     cuda = str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
-    have = (
-        torch.cuda.get_device_properties(0).total_memory
-        if cuda
-        else os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-    )
+    have = torch.cuda.get_device_properties(0).total_memory if cuda else host_memory()
     need = arch.memory_bytes(batch, training=subcommand in ("fit", None))
     if need > have:
         where = "--sample" if flag == "num_samples" else "--data"

@@ -23,7 +23,7 @@ from .utils import UserError, atomic_open, check_writable
 
 BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
 BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
-URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"  # its source
+# Its source: https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 KNOWN_SIZES = {SHA256: 1_115_394}  # a size mismatch is reported before hashing: "truncated" is clearer
 TRAIN_FRACTION = 0.9  # first 90% train, last 10% val, as in the lecture
@@ -34,6 +34,7 @@ RETRIES = urllib3.Retry(total=2, backoff_factor=2.0, status_forcelist=(500, 502,
 
 def download(url: str, dest: Path, sha256: str | None = None, retries: urllib3.Retry = RETRIES) -> None:
     """Fetch ``url`` into ``dest``, which appears only once complete and, given ``sha256``, verified."""
+    response = None
     try:
         response = urllib3.request("GET", url, preload_content=False, retries=retries, timeout=30.0)
         if response.status != 200:
@@ -55,6 +56,9 @@ def download(url: str, dest: Path, sha256: str | None = None, retries: urllib3.R
             f"could not download {url} ({getattr(e, 'reason', None) or e}); download it yourself and pass its path "
             "as --data.corpus, or use the bundled --data.corpus tinyshakespeare"
         ) from None
+    finally:
+        if response is not None:
+            response.release_conn()
 
 
 def cached_download(url: str, cache_dir: str | Path, sha256: str | None = None, **kwargs) -> Path:
@@ -134,7 +138,7 @@ def shortest_corpus(block_size: int) -> int:
     return n
 
 
-def _batch_as_is(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+def _batch_as_is(batch):
     """The datasets below build whole batches themselves; nothing is left to collate."""
     return batch
 
@@ -318,7 +322,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         """Encode both splits with ``tokenizer``, by default the tokenizer of the model being run."""
         if stage == "predict":
             return
-        tokenizer = tokenizer or self.trainer.lightning_module.tokenizer
+        if tokenizer is None:
+            tokenizer = self.trainer.lightning_module.tokenizer
         n = int(TRAIN_FRACTION * len(self.text))
         device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
         for name, text in (("train", self.text[:n]), ("val", self.text[n:])):

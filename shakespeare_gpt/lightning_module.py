@@ -18,14 +18,14 @@ from typing import Literal
 
 import lightning as L
 import torch
-from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeFloat, NonNegativeInt, PositiveInt
 from torch.nn import functional as F
 from torchmetrics import SumMetric
 
 from .model import GPT, GPTConfig
-from .sampling import generate
+from .sampling import Sampling, generate
 from .tokenizer import CharTokenizer
-from .utils import Fraction, UserError, builtin_fields
+from .utils import Fraction, LearningRate, UserError, builtin_fields
 
 
 @dataclass
@@ -45,7 +45,7 @@ class Recipe:
         beta2: AdamW beta2.
     """
 
-    learning_rate: PositiveFloat = 3e-4
+    learning_rate: LearningRate = 3e-4
     lr_schedule: Literal["constant", "cosine"] = "constant"
     min_lr: NonNegativeFloat = 0.0
     warmup_steps: NonNegativeInt = 0
@@ -62,15 +62,19 @@ class Recipe:
                 f"({self.learning_rate}): the cosine schedule decays to it"
             )
 
+    def decay_steps_of(self, max_steps: int | None) -> int:
+        """The cosine decay's length, warmup included, for a run of ``max_steps`` (-1: no end)."""
+        if self.lr_schedule == "cosine" and not self.decay_steps and (max_steps is None or max_steps < 0):
+            raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
+        return self.decay_steps or max_steps
+
     def lr_factor(self, step: int, max_steps: int) -> float:
         """Multiplier of the peak learning rate at ``step``: linear warmup, then constant or cosine."""
         if step < self.warmup_steps:
             return (step + 1) / self.warmup_steps
         if self.lr_schedule == "constant":
             return 1.0
-        total = self.decay_steps or max_steps
-        if total <= 0:
-            raise UserError("a cosine schedule needs an end: give --trainer.max_steps or --model.decay_steps")
+        total = self.decay_steps_of(max_steps)
         progress = min(1.0, (step - self.warmup_steps) / max(1, total - self.warmup_steps))
         min_factor = self.min_lr / self.learning_rate
         return min_factor + (1 - min_factor) * 0.5 * (1.0 + math.cos(math.pi * progress))
@@ -164,8 +168,9 @@ class LanguageModel(L.LightningModule):
     def on_test_epoch_end(self) -> None:
         self.log_dict(self.eval_metrics("val", "test"))
 
-    def predict_step(self, batch, batch_idx: int) -> list[str]:
-        """Samples drawn as ``batch``, the ``--sample.*`` settings (a ``sampling.Sampling``), asks."""
+    def predict_step(self, batch: Sampling | None, batch_idx: int) -> list[str]:
+        """Samples drawn as ``batch``, the ``--sample.*`` settings, asks (None: the defaults)."""
+        batch = batch or Sampling()
         idx = batch.encode(self.tokenizer).to(self.device)
         g = torch.Generator(device=self.device).manual_seed(batch.seed)
         out = self.generate(idx, batch.max_new_tokens, batch.temperature, batch.top_k, g)

@@ -89,10 +89,6 @@ class GPTConfig:
         activations = batch_size * ((L if training else min(L, 1)) * per_layer + 2 * T * V)  # + logits, softmax
         return weights + 2 * activations
 
-    @property
-    def head_size(self) -> int:
-        return self.n_embd // self.n_head
-
 
 def dropout(p: float) -> nn.Module:
     """``nn.Dropout(p)``, or a no-op module when ``p`` is 0 (cheaper in generation's many small calls)."""

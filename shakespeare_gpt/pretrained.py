@@ -8,7 +8,7 @@ per character (see ``lightning_module.LanguageModel``), the same ``predict``. A 
       init_args:
         pretrained: gpt2          # a Hub name, or a local folder (config.json, weights, tokenizer)
 
-and the CLI gives the data module the model's own tokenizer. Needs the ``pretrained`` extra
+and the data encodes the text with the model's own tokenizer. Needs the ``pretrained`` extra
 (``pip install "shakespeare-gpt[pretrained]"``): ``transformers`` and ``tokenizers``.
 """
 
@@ -30,7 +30,7 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 
 from .lightning_module import LanguageModel, Recipe
 from .sampling import sample_next
-from .utils import UserError
+from .utils import UserError, host_memory
 
 INSTALL_HINT = 'pip install "shakespeare-gpt[pretrained]" (transformers and tokenizers)'
 
@@ -62,7 +62,7 @@ def hub_reachable() -> bool:
         return False
 
 
-def source(name: str) -> dict:
+def load_options(name: str) -> dict:
     """Where ``name`` loads from, as ``from_pretrained`` options; a one-line ``UserError`` if from nowhere.
 
     A local folder loads as it is. A Hub name loads from the Hub, or from the local cache when the
@@ -132,7 +132,7 @@ class HFTokenizer:
 
     def __init__(self, name: str, trust_remote_code: bool = False) -> None:
         transformers = transformers_module()
-        where = source(name)
+        where = load_options(name)
         with loading(name, "tokenizer"):
             self.tokenizer = transformers.AutoTokenizer.from_pretrained(
                 name, trust_remote_code=trust_remote_code, **where
@@ -192,7 +192,7 @@ def check_memory(transformers, config, name: str, trust_remote_code: bool) -> No
     with torch.device("meta"):
         skeleton = transformers.AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
     n = sum(p.numel() for p in skeleton.parameters())
-    need, have = 4 * n, os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    need, have = 4 * n, host_memory()
     if need > have:
         raise UserError(
             f"{name} has {f'{n / 1e9:.1f}B' if n >= 1e9 else f'{n / 1e6:.1f}M'} parameters, "
@@ -235,11 +235,18 @@ class PretrainedLM(LanguageModel):
         self.hparams.pop("vocab", None)  # fit links the corpus's characters to every model; a tokenizer needs none
         transformers = transformers_module()
         self.tokenizer = HFTokenizer(pretrained, trust_remote_code)
-        where = source(pretrained)
+        where = load_options(pretrained)
         if Path(pretrained).expanduser().is_dir():  # found again by a checkpoint from any working directory
             self.hparams.pretrained = str(Path(pretrained).expanduser().resolve())
         with loading(pretrained, "model"):
             config = transformers.AutoConfig.from_pretrained(pretrained, trust_remote_code=trust_remote_code, **where)
+            causal = type(config) in transformers.MODEL_FOR_CAUSAL_LM_MAPPING or "AutoModelForCausalLM" in getattr(
+                config, "auto_map", {}
+            )
+            if not causal:
+                raise UserError(
+                    f"{pretrained} is not a causal language model: give one that generates text (GPT-2, ...)"
+                )
             self.context = getattr(config, "n_positions", None) or getattr(config, "max_position_embeddings", None)
             if self.context and block_size > self.context:
                 raise UserError(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import os
 import platform
 import socket
@@ -29,6 +30,8 @@ except ImportError:  # Windows: nothing is locked
 
 # A rate such as dropout, or an Adam beta: from 0 up to, not including, 1.
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])
+# A learning rate: > 0 and finite.
+LearningRate = restricted_number_type("LearningRate", float, [(">", 0), ("<", math.inf)])
 
 
 class UserError(ValueError):
@@ -93,6 +96,9 @@ def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    umask = os.umask(0)
+    os.umask(umask)
+    os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}) | kwargs) as f:
             yield f
@@ -126,6 +132,11 @@ def lock(path: Path, busy: str, create: bool = True) -> IO | None:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
     return handle
+
+
+def host_memory() -> int:
+    """Bytes of memory this machine has."""
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
 
 
 def machine() -> str:

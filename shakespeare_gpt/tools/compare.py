@@ -27,7 +27,7 @@ from jsonargparse.typing import NotEmptyStr, PositiveFloat, PositiveInt
 
 from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
 from ..cli import build
-from ..pretrained import source
+from ..pretrained import load_options
 from ..sampling import Sampling
 from ..utils import UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
 from . import WindowLength
@@ -134,7 +134,7 @@ def check_model(label: str, spec: str) -> None:
         elif Path(spec).is_file():
             read_checkpoint(spec)
         else:
-            source(spec)
+            load_options(spec)
     except UserError as e:
         raise UserError(f"{label}: {e}") from None
 

@@ -278,7 +278,7 @@ def test_the_training_recipe_is_declared_once_and_shown_for_both_models(model, c
         cli_main(["fit", "--model.help", model])
     out = " ".join(capsys.readouterr().out.split())
     for line in (
-        "--model.learning_rate LEARNING_RATE peak AdamW learning rate. (type: PositiveFloat, default: 0.0003)",
+        "--model.learning_rate LEARNING_RATE peak AdamW learning rate. (type: LearningRate, default: 0.0003)",
         "--model.lr_schedule {constant,cosine} ``constant``, or ``cosine`` decay to ``min_lr`` after the warmup.",
         "--model.beta2 BETA2 AdamW beta2. (type: Fraction, default: 0.999)",
     ):

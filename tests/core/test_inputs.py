@@ -70,8 +70,10 @@ CASES = {
         r"--model.block_size 10000000 with --data.batch_size 64 needs at least \d+ GiB, more than the \d+ GiB this",
     ),
     "block size 0": ([*FIT, "--model.block_size=0"], typed("block_size", "PositiveInt: 0")),
-    "negative learning rate": ([*FIT, "--model.learning_rate=-1"], typed("learning_rate", "PositiveFloat: -1")),
-    "nan learning rate": ([*FIT, "--model.learning_rate=nan"], typed("learning_rate", "PositiveFloat: nan")),
+    "negative learning rate": ([*FIT, "--model.learning_rate=-1"], typed("learning_rate", "LearningRate: -1")),
+    "nan learning rate": ([*FIT, "--model.learning_rate=nan"], typed("learning_rate", "LearningRate: nan")),
+    "infinite learning rate": ([*FIT, "--model.learning_rate=inf"], typed("learning_rate", "LearningRate: inf")),
+    "log every 0 steps": ([*FIT, "--trainer.log_every_n_steps=0"], r"--trainer.log_every_n_steps 0: give a number"),
     "min_lr above the peak": (
         [*FIT, "--model.lr_schedule=cosine", "--model.min_lr=0.1"],
         r"--model.min_lr 0.1: give a number from 0 to --model.learning_rate \(0.0003\): the cosine schedule decays",
@@ -91,7 +93,7 @@ CASES = {
     ),
     "validation interval 0": (
         [*FIT, "--trainer.val_check_interval=0"],
-        r"--trainer.val_check_interval 0: give the number of training steps between validations",
+        r"--trainer.val_check_interval 0: give a number of training steps >= 1",
     ),
     "negative sample tokens": ([*FIT, "--model.sample_tokens=-1"], typed("sample_tokens", "NonNegativeInt: -1")),
     "log folder under a file": (
@@ -129,9 +131,9 @@ CASES = {
     ),
     "validate with --ckpt_path last": (
         ["validate", "--ckpt_path=last"],
-        r"--ckpt_path last continues a training run; to validate, give a checkpoint or run folder",
+        r"--ckpt_path last names a checkpoint of a training run in progress; to validate, give a checkpoint or a",
     ),
-    "predict with --ckpt_path best": (["predict", "--ckpt_path=best"], r"needs a vocabulary: give --ckpt_path"),
+    "predict with --ckpt_path best": (["predict", "--ckpt_path=best"], r"--ckpt_path best names a checkpoint of a"),
     "an abbreviated flag": ([*FIT, "--trainer.max_step=3"], r"unrecognized arguments: --trainer.max_step=3"),
     "a choice that is not one": (
         [*FIT, "--model.lr_schedule=linear"],

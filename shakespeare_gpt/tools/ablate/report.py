@@ -11,7 +11,7 @@ import math
 import statistics
 from pathlib import Path
 
-from ...utils import UserError
+from ...utils import UserError, atomic_open
 from .runner import plan, read_csv
 from .study import Run, Study
 from .verdicts import LEVEL, Table, Verdict, aggregate, best_lr, evaluate, t_quantile
@@ -240,5 +240,6 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
                 f"{p.best_train:.4f} | {p.final_train:.4f} | {p.gap:+.4f} +- {p.gap_sd:.4f} |"
             )
     path = out / "README.md"
-    path.write_text("\n".join(lines) + "\n")
+    with atomic_open(path) as f:
+        f.write("\n".join(lines) + "\n")
     return path

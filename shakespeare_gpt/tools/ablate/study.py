@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import os
 import re
 from dataclasses import dataclass, field
@@ -19,13 +18,12 @@ import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import NonNegativeInt, Path_fr, PositiveFloat, restricted_number_type, restricted_string_type
 
-from ...utils import UserError, one_line
+from ...utils import LearningRate, UserError, one_line
 
 EXAMPLE = "configs/ablations/seed_study.yaml"
 # A study name and a variant name each name a folder: no separators, no "." or "..", no "-x" (a flag).
 FOLDER_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 FolderName = restricted_string_type("FolderName", rf"^{FOLDER_NAME}\Z")
-LearningRate = restricted_number_type("LearningRate", float, [(">", 0), ("<", math.inf)])
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**32)])
 Metric = Literal["val", "gap", "lr_spread"]  # best val loss; final val - train; val at worst lr - val at best lr
 At = Literal["best_lr", "every_lr", "across_lr"]  # each at its best lr; at each lr; d at each lr - d at the middle lr
