@@ -26,7 +26,7 @@ from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import NotEmptyStr, PositiveFloat, PositiveInt
 
 from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
-from ..cli import build
+from ..cli import REFUSED, build
 from ..pretrained import load_options
 from ..sampling import Sampling
 from ..utils import UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
@@ -81,7 +81,7 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     try:
         with contextlib.redirect_stdout(out):
             cli = build(["validate", *validate_args, *quiet], run=True)
-    except UserError as e:
+    except REFUSED as e:
         raise UserError(f"{label}: {e}") from None
     metrics = cli.trainer.callback_metrics
     # The draw predict_step makes, on the device and in the precision the trainer runs in (Lightning
