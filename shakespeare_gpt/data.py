@@ -19,7 +19,7 @@ import urllib3
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_string_type
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from .utils import UserError, atomic_open, check_writable
+from .utils import Text, UserError, atomic_open, check_writable
 
 BUNDLED = "tinyshakespeare"  # --data.corpus of the copy shipped in the package
 BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
@@ -281,7 +281,7 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def __init__(
         self,
-        corpus: str = BUNDLED,
+        corpus: Text = BUNDLED,
         sha256: Sha256 | None = None,
         cache_dir: str = "data",
         block_size: PositiveInt = 256,

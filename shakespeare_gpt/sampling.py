@@ -10,11 +10,11 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from jsonargparse.typing import NonNegativeInt, NotEmptyStr, PositiveFloat, PositiveInt
+from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.nn import functional as F
 
 from .model import GPT
-from .utils import UserError
+from .utils import Text, UserError
 
 
 @dataclass
@@ -30,7 +30,7 @@ class Sampling:
         seed: seed of the sampling random generator, so a predict run can be repeated exactly.
     """
 
-    prompt: NotEmptyStr = "\n"
+    prompt: Text = "\n"
     num_samples: PositiveInt = 1
     max_new_tokens: NonNegativeInt = 500
     temperature: PositiveFloat = 1.0

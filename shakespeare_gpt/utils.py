@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import IO, NoReturn
 
 import torch
-from jsonargparse.typing import restricted_number_type
+from jsonargparse.typing import restricted_number_type, restricted_string_type
 
 try:
     import fcntl
@@ -30,6 +30,8 @@ except ImportError:  # Windows: nothing is locked
 
 # A rate such as dropout, or an Adam beta: from 0 up to, not including, 1.
 Fraction = restricted_number_type("Fraction", float, [(">=", 0), ("<", 1)])
+# Text of one character or more (any: a space or a newline is a prompt too).
+Text = restricted_string_type("Text", r"^[\s\S]+$")
 # A learning rate: > 0 and finite.
 LearningRate = restricted_number_type("LearningRate", float, [(">", 0), ("<", math.inf)])
 

@@ -23,13 +23,13 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
-from jsonargparse.typing import NotEmptyStr, PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveFloat, PositiveInt
 
 from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
 from ..cli import REFUSED, build
 from ..pretrained import load_options
 from ..sampling import Sampling
-from ..utils import UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
+from ..utils import Text, UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
 from . import WindowLength
 
 PROG = "python -m shakespeare_gpt.tools.compare"
@@ -194,7 +194,7 @@ def parser() -> ArgumentParser:
         default=256,
         help="window of a zero-shot pretrained model (a checkpoint keeps its own)",
     )
-    parser.add_argument("--prompt", type=NotEmptyStr, default="ROMEO:", help="the prompt of every sample")
+    parser.add_argument("--prompt", type=Text, default="ROMEO:", help="the prompt of every sample")
     parser.add_argument("--max-new-tokens", type=PositiveInt, default=200, help="tokens of each sample")
     parser.add_argument("--temperature", type=PositiveFloat, default=0.8, help="as --sample.temperature")
     parser.add_argument("--top-k", type=PositiveInt | None, default=None, help="as --sample.top_k")

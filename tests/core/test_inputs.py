@@ -104,6 +104,7 @@ CASES = {
         [*FIT, "--checkpoint.dirpath=a_file/ckpts"],
         r"--checkpoint.dirpath a_file/ckpts: a_file is a file, not a folder",
     ),
+    "empty corpus name": ([*FIT, "--data.corpus="], typed("data.corpus", "Text")),
     "corpus that does not exist": (
         [*FIT, "--data.corpus=missing.txt"],
         r"--data.corpus missing.txt does not exist: give a text file, an http\(s\) URL, or tinyshakespeare",
@@ -234,7 +235,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
         (["--sample.top_k=0"], r'"sample.top_k".* Not of type PositiveInt'),
         (["--sample.num_samples=0"], typed("sample.num_samples", "PositiveInt: 0")),
         (["--sample.max_new_tokens=-1"], typed("sample.max_new_tokens", "NonNegativeInt: -1")),
-        (["--sample.prompt="], typed("sample.prompt", "NotEmptyStr")),
+        (["--sample.prompt="], typed("sample.prompt", "Text")),
         (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
     ],
     ids=[

@@ -19,6 +19,13 @@ torch.manual_seed(0)
 MODEL = GPT(GPTConfig(vocab_size=len(VOCAB), block_size=8, n_layer=1, n_head=2, n_embd=16, dropout=0.0)).eval()
 
 
+def test_any_text_is_a_prompt_a_space_or_a_newline_too():
+    parser = ArgumentParser(exit_on_error=False)
+    parser.add_class_arguments(Sampling, "sample")
+    for prompt in (" ", "\n", "ROMEO:"):
+        assert parser.parse_args([f"--sample.prompt={prompt}"]).sample.prompt == prompt
+
+
 def test_the_prompt_is_encoded_once_per_sample_and_unknown_characters_are_named():
     idx = Sampling(prompt="To be", num_samples=3).encode(CharTokenizer(VOCAB))
     assert idx.shape == (3, 5) and torch.equal(idx[0], idx[2])

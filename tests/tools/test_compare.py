@@ -105,7 +105,7 @@ BAD_INPUT = [
     (compare, ["m=RUN", "--temperature=0"], ["temperature", "PositiveFloat"]),
     (compare, ["m=RUN", "--top-k=0"], ["top_k", "PositiveInt"]),
     (compare, ["m=RUN", "--outt=a.md"], ["unrecognized arguments: --outt=a.md"]),
-    (compare, ["m=RUN", "--prompt="], ["prompt", "NotEmptyStr"]),
+    (compare, ["m=RUN", "--prompt="], ["prompt", "Text"]),
     (compare, ["foo="], ["foo=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name"]),
     (compare, ["m=RUN", "gone=./models/gone"], ["gone: --model.pretrained ./models/gone: there is no such folder"]),
     (compare, ["m=RUN", "--out=/proc/x.md"], ["--out /proc/x.md: cannot write in /proc"]),
