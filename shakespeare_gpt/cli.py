@@ -131,7 +131,7 @@ class ShakespeareCLI(LightningCLI):
         config = self.config[self.subcommand] if self.subcommand else self.config
         # fit reads a character model's vocabulary from the corpus; resumed, it must be the checkpoint's.
         saved, read = config.model.init_args.get("vocab"), self.model.hparams.get("vocab")
-        if self.resumed_run is not None and saved not in (None, read):
+        if self.subcommand == "fit" and config.get("ckpt_path") and saved not in (None, read):
             unknown = "".join(sorted(set(read) - set(saved)))
             raise UserError(
                 f"the corpus {self.datamodule.corpus} does not fit the checkpoint: "

@@ -206,15 +206,15 @@ def test_bad_checkpoint_is_one_line_error(damage, trained, tmp_path, monkeypatch
     assert "Traceback" not in err[0]
 
 
-@pytest.mark.parametrize("subcommand", ["validate", "fit"])
+@pytest.mark.parametrize("subcommand,resume", [("validate", None), ("fit", "last"), ("fit", "file")])
 def test_checkpoint_whose_vocabulary_lacks_characters_of_the_data(
-    subcommand, trained, corpus_dir, tmp_path, monkeypatch, capsys
+    subcommand, resume, trained, corpus_dir, tmp_path, monkeypatch, capsys
 ):
     other = tmp_path / "other"
     other.mkdir()
     (other / "input.txt").write_text("Zounds! 42 quoth he.\n" * 300)
     monkeypatch.chdir(tmp_path)
-    ckpt = "last" if subcommand == "fit" else trained / "checkpoints" / "last.ckpt"
+    ckpt = "last" if resume == "last" else trained / "checkpoints" / "last.ckpt"
     args = tiny_fit_args(corpus_dir, 6)[1:] if subcommand == "fit" else []
     before = {p: p.read_bytes() for p in sorted(trained.rglob("*")) if p.is_file()}
     with pytest.raises(SystemExit) as exc:
