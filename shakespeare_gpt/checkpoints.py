@@ -7,6 +7,7 @@ traceback, and nothing is written) and by the tools that take a run folder.
 
 from __future__ import annotations
 
+import functools
 import re
 import sys
 from pathlib import Path
@@ -148,8 +149,9 @@ def _last_checkpoint(folder: Path, run: Path) -> Path:
     return folder / LAST
 
 
+@functools.cache  # a parser per class: check_matches asks twice, for the asked class and the saved one
 def model_defaults(class_path: str) -> dict:
-    """Every setting the command line takes for the model class ``class_path``, with its default."""
+    """Every setting the command line takes for the model class ``class_path``, with its default (read only)."""
     parser = ArgumentParser(exit_on_error=False)
     parser.add_subclass_arguments(LanguageModel, "model", required=True)
     try:
