@@ -12,9 +12,10 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, Namespace
+from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
-from lightning.pytorch.utilities import rank_zero_only
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
 from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from . import checkpoints
@@ -28,10 +29,11 @@ from .callbacks import (
     Throughput,
 )
 from .data import ShakespeareDataModule
+from .hardware import default_precision, default_threads, host_memory
 from .lightning_module import CharModelSettings, LanguageModel, Recipe
 from .pretrained import PretrainedLM  # noqa: F401 (known to --model by its short name)
 from .sampling import Sampling
-from .utils import UserError, check_writable, exit_with, host_memory
+from .utils import UserError, check_writable, exit_with
 
 PROG = "shakespeare-gpt"
 DESCRIPTION = (
@@ -58,6 +60,12 @@ class ShakespeareCLI(LightningCLI):
         subcommand = parser.prog.rpartition(" ")[2] if " " in parser.prog else "fit"
         parser.set_defaults({"model": {"class_path": checkpoints.CHAR_MODEL}})
         parser.link_arguments("model.init_args.block_size", "data.block_size")  # the model's context decides
+        parser.add_argument(
+            "--threads",
+            type=PositiveInt | None,
+            default=None,
+            help="CPU threads (default: one per core, fewer when other processes keep cores busy; or OMP_NUM_THREADS)",
+        )
         if subcommand == "fit":
             # A new character model reads the corpus's characters; any other run's model (a checkpoint, a
             # pretrained model) brings its own tokenizer, which the data encodes with.
@@ -103,6 +111,9 @@ class ShakespeareCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         check_memory(config, self.subcommand)
+        choose_precision_and_threads(config, self.subcommand)
+        if config.get("threads"):
+            torch.set_num_threads(config.threads)
         if self.subcommand in ("validate", "test", "predict"):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
@@ -169,6 +180,25 @@ def check_run(config: Namespace, subcommand: str | None) -> None:
             check_writable(Path(place), flag)
 
 
+def on_cuda(config: Namespace) -> bool:
+    """Whether the run will go to a CUDA GPU."""
+    return str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+
+
+def choose_precision_and_threads(config: Namespace, subcommand: str | None) -> None:
+    """Fill in the precision and the CPU threads the command line left out (``hardware.py`` says how); a
+    command says so in one line each, and its run's ``config.yaml`` records what was chosen. The tools
+    (no subcommand) get the precision and keep the threads they set themselves."""
+    if config.trainer.get("precision") is None:
+        config.trainer.precision, why = default_precision(on_cuda(config), subcommand)
+        if subcommand:
+            rank_zero_info(f"precision {config.trainer.precision}: {why} (--trainer.precision chooses)")
+    if config.get("threads") is None and subcommand:
+        config.threads, why = default_threads()
+        if why:
+            rank_zero_info(why)
+
+
 def check_memory(config: Namespace, subcommand: str | None) -> None:
     """Refuse, before anything is allocated, a character model and batch that cannot fit in memory."""
     if checkpoints.class_name(config.model.class_path) != checkpoints.class_name(checkpoints.CHAR_MODEL):
@@ -178,7 +208,7 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
     flag = {"validate": "val_batch_size", "test": "val_batch_size", "predict": "num_samples"}.get(subcommand)
     batch = config.sample.num_samples if flag == "num_samples" else config.data.get(flag or "batch_size")
     batch = batch or config.data.batch_size
-    cuda = str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+    cuda = on_cuda(config)
     have = torch.cuda.get_device_properties(0).total_memory if cuda else host_memory()
     need = arch.memory_bytes(batch, training=subcommand in ("fit", None))
     if need > have:

@@ -28,9 +28,10 @@ from pathlib import Path
 import torch
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 
+from .hardware import host_memory
 from .lightning_module import LanguageModel, Recipe
 from .sampling import sample_next
-from .utils import UserError, host_memory
+from .utils import UserError
 
 INSTALL_HINT = 'pip install "shakespeare-gpt[pretrained]" (transformers and tokenizers)'
 

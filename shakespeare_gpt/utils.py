@@ -8,7 +8,6 @@ import dataclasses
 import logging
 import math
 import os
-import platform
 import socket
 import subprocess
 import sys
@@ -19,7 +18,6 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import IO, NoReturn
 
-import torch
 from jsonargparse.typing import restricted_number_type, restricted_string_type
 
 try:
@@ -134,21 +132,6 @@ def lock(path: Path, busy: str, create: bool = True) -> IO | None:
         handle.write(f"pid {os.getpid()} on {socket.gethostname()}\n")
         handle.flush()
     return handle
-
-
-def host_memory() -> int:
-    """Bytes of memory this machine has."""
-    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
-
-
-def machine() -> str:
-    """The CPU (or GPU), cores, threads and torch version of this process, in a few words."""
-    cpu = platform.processor() or platform.machine()
-    cpuinfo = Path("/proc/cpuinfo")
-    lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
-    cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
-    return f"{gpu}{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s); torch {torch.__version__}"
 
 
 def git_commit() -> str:

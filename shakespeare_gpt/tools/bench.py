@@ -34,9 +34,10 @@ from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
 from ..cli import build, refusal
+from ..hardware import machine
 from ..lightning_module import ShakespeareGPT
 from ..sampling import generate
-from ..utils import UserError, atomic_open, check_writable, exit_with, machine, quiet_third_party
+from ..utils import UserError, atomic_open, check_writable, exit_with, quiet_third_party
 
 PROG = "python -m shakespeare_gpt.tools.bench"
 DESCRIPTION = (

@@ -27,9 +27,10 @@ from jsonargparse.typing import PositiveFloat, PositiveInt
 
 from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
 from ..cli import REFUSED, build
+from ..hardware import machine
 from ..pretrained import load_options
 from ..sampling import Sampling
-from ..utils import Text, UserError, atomic_open, check_writable, exit_with, git_commit, machine, quiet_third_party
+from ..utils import Text, UserError, atomic_open, check_writable, exit_with, git_commit, quiet_third_party
 from . import WindowLength
 
 PROG = "python -m shakespeare_gpt.tools.compare"

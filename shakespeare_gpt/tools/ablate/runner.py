@@ -26,7 +26,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ...cli import build
-from ...utils import NonFiniteLossError, UserError, atomic_open, git_commit, machine, quiet_third_party
+from ...hardware import machine
+from ...utils import NonFiniteLossError, UserError, atomic_open, git_commit, quiet_third_party
 from .study import Run, Study
 from .verdicts import aggregate, best_lr, evaluate, fails_to_train
 
