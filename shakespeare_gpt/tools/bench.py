@@ -5,9 +5,11 @@ Measures, for the model and data of a config:
 - train: step time and tokens/s through the project's own Lightning ``fit`` path and through a
   bare PyTorch loop over the same model, optimiser, schedule and batches (the ratio is the
   framework's overhead), and the time spent fetching batches;
-- fit: wall time of a whole ``fit`` of the config, validations and checkpoints included, run in
-  this process through the CLI's entry point (Python's start-up and imports are not counted),
-  and the best val loss it reached, as its checkpoint callback recorded it;
+- fit: wall time of a whole ``shakespeare-gpt fit`` of the config as a user runs it (a new process:
+  start-up, validations and checkpoints included), the best val loss it reached, and the
+  precision it ran in, in the default precision (what this machine chooses) or those of
+  ``--fit-precisions``; with ``--nanogpt``, the same recipe in nanoGPT's ``train.py``, the
+  plain-PyTorch script it is compared with, in turn with them;
 - generate: tokens/s of batch-1 sampling with and without the KV cache.
 
 A step time is the wall time of ``--steps`` steps after ``--warmup`` untimed ones, divided by the
@@ -20,19 +22,23 @@ from __future__ import annotations
 
 import difflib
 import json
+import re
 import statistics
+import subprocess
 import sys
 import tempfile
 import time
 from contextlib import nullcontext
 from pathlib import Path
-from typing import Literal, get_args
+from typing import Literal, get_args, get_origin
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser
 from jsonargparse.typing import NonNegativeInt, PositiveInt
 from lightning.pytorch.callbacks import Callback
 
+from .. import checkpoints
 from ..cli import build, refusal
 from ..hardware import machine
 from ..lightning_module import ShakespeareGPT
@@ -52,7 +58,9 @@ FLAGS = {  # the benchmark's own flags: type, default, help; every other argumen
     "--steps": (PositiveInt, 100, "timed training steps per repeat"),
     "--warmup": (NonNegativeInt, 20, "untimed steps first (compilation, caches)"),
     "--repeats": (PositiveInt, 3, "repeats of the train and generate timings (medians reported)"),
-    "--fit-repeats": (PositiveInt, 1, "whole fit runs, one after another"),
+    "--fit-repeats": (PositiveInt, 1, "whole fit runs of each kind, the kinds in turn"),
+    "--fit-precisions": (list[str], ["default"], "fit in each: default (the machine's choice), 32-true, bf16-mixed"),
+    "--nanogpt": (str | None, None, "a nanoGPT checkout with data/shakespeare_char prepared: fit its train.py too"),
     "--gen-tokens": (PositiveInt, 1000, "tokens sampled per generate timing"),
     "--out": (str | None, None, "JSON file (default: lightning_logs/bench/<config>.json)"),
 }
@@ -85,12 +93,12 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize()
 
 
-def run_args(config: str, extra: list[str], max_steps: int) -> list[str]:
-    """The arguments of ``fit --config``, minus validation, logs and checkpoints."""
+def run_args(config: str, extra: list[str], max_steps: int | None) -> list[str]:
+    """The arguments of ``fit --config``, minus validation, logs and checkpoints (and ``max_steps`` given)."""
     return [
         f"--config={config}",
         *extra,
-        f"--trainer.max_steps={max_steps}",
+        *([f"--trainer.max_steps={max_steps}"] if max_steps else []),
         "--trainer.limit_val_batches=0",
         "--trainer.logger=false",
         "--trainer.enable_model_summary=false",
@@ -99,7 +107,7 @@ def run_args(config: str, extra: list[str], max_steps: int) -> list[str]:
     ]
 
 
-def build_run(config: str, extra: list[str], max_steps: int):
+def build_run(config: str, extra: list[str], max_steps: int | None):
     """Model, data and trainer exactly as ``fit --config`` builds them, minus validation and checkpoints."""
     return build(run_args(config, extra, max_steps), save_config=False)
 
@@ -150,15 +158,53 @@ def time_bare(config: str, extra: list[str], steps: int, warmup: int) -> tuple[f
     return (time.perf_counter() - start) / steps, statistics.median(fetches[warmup:])
 
 
-def time_fit(config: str, extra: list[str]) -> dict:
-    """Wall time of a whole ``fit``, and the best val loss, as the trainer recorded them."""
-    name = f"bench_{Path(config).stem}"
-    args = ["fit", f"--config={config}", *extra, f"--trainer.logger.init_args.name={name}"]
+def time_fit(config: str, extra: list[str], precision: str, runs: Path) -> dict:
+    """Wall time of ``shakespeare-gpt fit`` in a new process, its best val loss and the precision it ran in."""
+    run = runs / f"{precision}-{time.time_ns()}"
+    chosen = [] if precision == "default" else [f"--trainer.precision={precision}"]
+    where = {"save_dir": runs, "name": "", "version": run.name}
+    place = [f"--trainer.logger.init_args.{k}={v}" for k, v in where.items()]
+    command = [sys.executable, "-m", "shakespeare_gpt", "fit", f"--config={config}", *extra, *chosen, *place]
+    runs.mkdir(parents=True, exist_ok=True)
+    wall = run_timed(command, runs / f"{run.name}.log")
+    best = checkpoints.read_checkpoint(checkpoints.best_checkpoint(run))["callbacks"]
+    score = next((v["best_model_score"] for k, v in best.items() if k.startswith("ModelCheckpoint")), None)
+    settings = yaml.safe_load((run / "config.yaml").read_text())
+    return {
+        "wall_s": wall,
+        "best_val_loss": None if score is None else float(score),
+        "log_dir": str(run),
+        **{"precision": settings["trainer"]["precision"], "threads": settings["threads"]},
+    }
+
+
+def time_nanogpt(folder: Path, config: str, extra: list[str]) -> dict:
+    """Wall time and last val loss of nanoGPT's ``train.py`` on the config's recipe: the command its README
+    gives for a CPU, with the config's model, batch, steps and schedule. Its val loss is its own estimate
+    (20 random batches), not a full pass."""
+    cli = build_run(config, extra, None)
+    m, steps = cli.model.hparams, cli.trainer.max_steps
+    flags = {"device": "cpu", "compile": False, "eval_iters": 20, "log_interval": 1}
+    flags |= {k: m[k] for k in ("block_size", "n_layer", "n_head", "n_embd", "dropout", "learning_rate", "min_lr")}
+    flags |= {"batch_size": cli.datamodule.batch_size, "max_iters": steps, "lr_decay_iters": steps, "beta2": m.beta2}
+    flags |= {"warmup_iters": m.warmup_steps, "weight_decay": m.weight_decay, "decay_lr": m.lr_schedule == "cosine"}
+    with tempfile.TemporaryDirectory(prefix="bench-nanogpt-") as out:
+        args = [f"--{k}={v}" for k, v in {**flags, "out_dir": out}.items()]
+        log = Path(out) / "log.txt"
+        wall = run_timed([sys.executable, "train.py", "config/train_shakespeare_char.py", *args], log, cwd=folder)
+        evals = re.findall(r"val loss (\d+\.\d+)", log.read_text())  # its lines: "step N: train loss X, val loss Y"
+    return {"wall_s": wall, "val_loss": float(evals[-1]) if evals else None}
+
+
+def run_timed(command: list[str], log: Path, cwd: Path | None = None) -> float:
+    """Wall time of ``command``, its output in ``log``. A failure ends the benchmark in one line."""
     t = time.perf_counter()
-    cli = build(args, run=True)  # the progress bar stays as the config has it
-    wall = time.perf_counter() - t
-    best = cli.trainer.checkpoint_callback.best_model_score
-    return {"wall_s": wall, "best_val_loss": None if best is None else float(best), "log_dir": cli.trainer.log_dir}
+    with open(log, "w") as out:
+        done = subprocess.run(command, cwd=cwd, stdout=out, stderr=subprocess.STDOUT)
+    if done.returncode != 0:
+        why = (log.read_text().strip().splitlines() or ["no output"])[-1]
+        raise UserError(f"{' '.join(command[1:4])} ... failed (exit status {done.returncode}; {log}): {why}")
+    return time.perf_counter() - t
 
 
 def time_generate(config: str, extra: list[str], tokens: int, repeats: int) -> dict:
@@ -208,14 +254,25 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
             continue
         if flag == "--config" and any(a.startswith("--config=") for a in own):
             raise UserError("--config given twice: the benchmark takes one config; give changes as CLI arguments")
-        if flag == "--sections" and not value.startswith("["):
+        if get_origin(FLAGS[flag][0]) is list and not value.startswith("["):
             value = f"[{value}]"  # train,generate: the list jsonargparse reads as [train,generate]
         own.append(f"{flag}={value}")
     return own, extra
 
 
-def check(config: str, sections: list[str], extra: list[str], out: Path) -> None:
+def check(opts, extra: list[str], out: Path) -> None:
     """Refuse bad input before anything runs or is written."""
+    config, sections, nanogpt = opts.config, opts.sections, Path(opts.nanogpt or ".")
+    if opts.nanogpt and not (
+        (nanogpt / "train.py").is_file() and (nanogpt / "data/shakespeare_char/val.bin").is_file()
+    ):
+        raise UserError(
+            f"--nanogpt {opts.nanogpt}: give a nanoGPT checkout whose data is prepared "
+            "(python data/shakespeare_char/prepare.py, run in it, writes data/shakespeare_char/*.bin)"
+        )
+    for precision in set(opts.fit_precisions) - {"default"}:
+        if why := refusal(run_args(config, [*extra, f"--trainer.precision={precision}"], 1)):
+            raise UserError(f"--fit-precisions {precision}: give default or a --trainer.precision value: {why}")
     if not sections:
         raise UserError(
             "--sections is empty: give one or more of train, fit, generate (e.g. --sections train,generate)"
@@ -237,7 +294,7 @@ def main(argv: list[str] | None = None) -> dict:
         own, extra = split(sys.argv[1:] if argv is None else argv)
         opts = parser().parse_args(own)
         out = Path(opts.out or f"lightning_logs/bench/{Path(opts.config).stem}.json")
-        check(opts.config, opts.sections, extra, out)
+        check(opts, extra, out)
     except ArgumentError as e:
         exit_with(f"{e}; see {PROG} --help")
     except UserError as e:
@@ -271,13 +328,20 @@ def bench(opts, extra: list[str], out: Path) -> dict:
             "batch_fetch_share_of_step": fetch / step_b,
         }
     if "fit" in opts.sections:
-        fits = [time_fit(opts.config, extra) for _ in range(opts.fit_repeats)]
+        runs = Path("lightning_logs") / f"bench_{Path(opts.config).stem}"
+        fits: dict[str, list[dict]] = {kind: [] for kind in [*opts.fit_precisions, *["nanogpt"] * bool(opts.nanogpt)]}
+        for _ in range(opts.fit_repeats):  # the kinds in turn, so that a drifting machine slows each alike
+            for kind, done in fits.items():
+                if kind == "nanogpt":
+                    done.append(time_nanogpt(Path(opts.nanogpt), opts.config, extra))
+                else:
+                    done.append(time_fit(opts.config, extra, kind, runs))
         result["fit"] = {
-            "wall_s": statistics.median(f["wall_s"] for f in fits),
-            "wall_s_each": [f["wall_s"] for f in fits],
-            "best_val_loss": fits[0]["best_val_loss"],
-            "best_val_loss_each": [f["best_val_loss"] for f in fits],
-            "log_dirs": [f["log_dir"] for f in fits],
+            kind: {
+                "wall_s": statistics.median(f["wall_s"] for f in done),
+                **{f"{key}_each": [f[key] for f in done] for key in done[0]},
+            }
+            for kind, done in fits.items()
         }
     if "generate" in opts.sections:
         result["generate"] = time_generate(opts.config, extra, opts.gen_tokens, opts.repeats)
@@ -305,10 +369,21 @@ def table(result: dict) -> str:
             ),
             ("batch fetch", f"{t['batch_fetch_ms']:.3f} ms ({100 * t['batch_fetch_share_of_step']:.2f}% of a step)"),
         ]
-    if f := result.get("fit"):
+    fits = result.get("fit", {})
+    nanogpt = fits.get("nanogpt", {}).get("wall_s")
+    for kind, f in fits.items():
         each = ", ".join(f"{w:.1f}" for w in f["wall_s_each"])
-        best = "none (no validation)" if f["best_val_loss"] is None else f"{f['best_val_loss']:.4f}"
-        rows += [("whole fit, wall", f"{f['wall_s']:.1f} s (median of {each}), best val loss {best}")]
+        loss = f.get("best_val_loss_each", f.get("val_loss_each"))[0]
+        what = "val loss (its estimate)" if kind == "nanogpt" else "best val loss"
+        versus = f", {f['wall_s'] / nanogpt:.2f}x nanoGPT's time" if nanogpt and kind != "nanogpt" else ""
+        name = (
+            "nanoGPT train.py"
+            if kind == "nanogpt"
+            else f"whole fit, {kind}"
+            + (f" ({f['precision_each'][0]}, {f['threads_each'][0]} threads)" if kind == "default" else "")
+        )
+        shown = "none" if loss is None else f"{loss:.4f}"
+        rows += [(name, f"{f['wall_s']:.1f} s (median of {each}), {what} {shown}{versus}")]
     if g := result.get("generate"):
         rows += [
             ("generate, KV cache", f"{g['cached']:,.1f} tok/s"),
