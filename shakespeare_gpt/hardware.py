@@ -26,7 +26,7 @@ STAT = Path("/proc/stat")  # Linux's count of clock ticks each CPU spent busy an
 
 def cpu_bf16() -> list[str]:
     """This CPU's bf16 instruction sets (AVX512-BF16, AMX-BF16); none where bf16 would be emulated."""
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # torch < 2.11 cannot tell: none
+    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # an older torch cannot tell: none
     return [name.upper().replace("_", "-") for name in ("avx512_bf16", "amx_bf16") if capabilities.get(name)]
 
 

@@ -46,6 +46,7 @@ def test_the_chosen_precision_is_said_once_and_recorded(corpus_dir, tmp_path):
     assert not [line for line in lines if line.startswith("precision ")] and config["trainer"]["precision"] == "64-true"
 
 
+@pytest.mark.skipif(hardware.TORCH_THREADS == 1, reason="one core: no fewer threads to take")
 def test_beside_busy_cores_a_run_takes_fewer_threads_and_says_so(corpus_dir, tmp_path):
     lines, config = fit(corpus_dir, tmp_path)  # an idle machine: every core
     assert not [line for line in lines if BUSY in line] and config["threads"] == hardware.TORCH_THREADS

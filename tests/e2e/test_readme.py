@@ -131,7 +131,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             # The installed environment stands in for .venv: -o keeps make from reinstalling it.
             venv = BIN.parent
             fit_args = " ".join([*SMALL, "--trainer.max_steps=4"])
-            out = run(["make", "-o", f"{venv}/.installed", "demo", f"VENV={venv}", f"FIT_ARGS={fit_args}"], folder)
+            out = run(["make", "-o", f"{venv}/.core", "demo", f"VENV={venv}", f"FIT_ARGS={fit_args}"], folder)
             assert out.stdout.count("----- sample") == 2
             assert (folder / "lightning_logs" / "samples.txt").read_text().count("----- sample") == 2
         elif line in ("make test", ". .venv/bin/activate && pytest", "pytest -m slow"):
