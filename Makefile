@@ -31,7 +31,8 @@ test: $(VENV)/.installed
 setup: $(VENV)/.installed
 
 # The package alone, all that training and sampling need (make demo). A command starts about 3 s
-# sooner than with the extras: torchmetrics imports transformers and scipy wherever it finds them.
+# sooner than once the extras are installed too (make test): torchmetrics imports transformers and
+# scipy wherever it finds them.
 $(VENV)/.core: pyproject.toml
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10))' || \
 		{ echo "error: shakespeare-gpt needs Python 3.10 or newer; run make PYTHON=python3.11 (or another)"; exit 1; }

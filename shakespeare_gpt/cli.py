@@ -8,9 +8,11 @@ of the classes' signatures (jsonargparse's) and by Lightning; their refusals end
 from __future__ import annotations
 
 import dataclasses
+import os
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, Namespace
 from jsonargparse.typing import PositiveInt
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
@@ -111,9 +113,7 @@ class ShakespeareCLI(LightningCLI):
             callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
             config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
         check_memory(config, self.subcommand)
-        choose_precision_and_threads(config, self.subcommand)
-        if config.get("threads"):
-            torch.set_num_threads(config.threads)
+        self.choices = choose_precision_and_threads(config, self.subcommand)  # said once every check passed
         if self.subcommand in ("validate", "test", "predict"):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
@@ -152,6 +152,8 @@ class ShakespeareCLI(LightningCLI):
         if self.resumed_run is not None and rank_zero_only.rank == 0:  # every check passed: the run is ours
             run_lock = next(c for c in self.trainer.callbacks if isinstance(c, RunLock))
             run_lock.handle = checkpoints.lock_run(self.resumed_run)
+        for line in self.choices:
+            rank_zero_info(line)
 
     def before_predict(self) -> None:
         self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings
@@ -180,23 +182,51 @@ def check_run(config: Namespace, subcommand: str | None) -> None:
             check_writable(Path(place), flag)
 
 
-def on_cuda(config: Namespace) -> bool:
-    """Whether the run will go to a CUDA GPU."""
-    return str(config.trainer.get("accelerator")) in ("gpu", "cuda", "auto") and torch.cuda.is_available()
+def run_device(config: Namespace) -> str:
+    """Where the run will go (cuda, mps or cpu), as ``--trainer.accelerator`` and this machine decide."""
+    accelerator = str(config.trainer.get("accelerator"))
+    if accelerator in ("gpu", "cuda", "auto") and torch.cuda.is_available():
+        return "cuda"
+    if accelerator in ("gpu", "mps", "auto") and torch.backends.mps.is_available():
+        return "mps"
+    return "cpu"
 
 
-def choose_precision_and_threads(config: Namespace, subcommand: str | None) -> None:
-    """Fill in the precision and the CPU threads the command line left out (``hardware.py`` says how); a
-    command says so in one line each, and its run's ``config.yaml`` records what was chosen. The tools
-    (no subcommand) get the precision and keep the threads they set themselves."""
+def recorded(config: Namespace, subcommand: str | None) -> dict:
+    """The precision and threads in the ``config.yaml`` of the run whose checkpoint a command continues
+    (fit) or scores (validate, test), so that it computes as that run did; empty for any other command."""
+    saved = Path(config.get("ckpt_path") or "").parent.parent / "config.yaml"
+    if subcommand not in ("fit", "validate", "test") or not config.get("ckpt_path") or not saved.is_file():
+        return {}
+    settings = yaml.safe_load(saved.read_text()) or {}
+    # No precision named: the file was written before one was chosen here, when Lightning's default ran.
+    precision = (settings.get("trainer") or {}).get("precision") or "32-true"
+    return {"precision": precision, "threads": settings.get("threads")}
+
+
+def choose_precision_and_threads(config: Namespace, subcommand: str | None) -> list[str]:
+    """Fill in the precision and the CPU threads the command line left out: a continued or scored run's
+    own, else what ``hardware.py`` chooses; the run's ``config.yaml`` records them. Returns what a
+    command says of them, a line each. The tools (no subcommand) get the precision; threads are theirs."""
+    saved, said = recorded(config, subcommand), []
     if config.trainer.get("precision") is None:
-        config.trainer.precision, why = default_precision(on_cuda(config), subcommand)
+        if saved.get("precision"):
+            config.trainer.precision, why = saved["precision"], f"as {config.ckpt_path}'s run recorded"
+        else:
+            config.trainer.precision, why = default_precision(run_device(config), subcommand)
         if subcommand:
-            rank_zero_info(f"precision {config.trainer.precision}: {why} (--trainer.precision chooses)")
-    if config.get("threads") is None and subcommand:
+            said.append(f"precision {config.trainer.precision}: {why} (--trainer.precision chooses)")
+    if config.get("threads") is None and subcommand == "fit":
+        config.threads = saved.get("threads")  # a resumed run goes on with its own
+    several = config.trainer.get("devices") not in (1, "1", None, "auto") or (config.trainer.get("num_nodes") or 1) > 1
+    if config.get("threads"):  # this process's, and those of the processes Lightning launches for DDP
+        torch.set_num_threads(config.threads)
+        os.environ["OMP_NUM_THREADS"] = str(config.threads)
+    elif subcommand and not several:  # several processes: Lightning gives each cores / processes
         config.threads, why = default_threads()
-        if why:
-            rank_zero_info(why)
+        torch.set_num_threads(config.threads)
+        said += [why] if why else []
+    return said
 
 
 def check_memory(config: Namespace, subcommand: str | None) -> None:
@@ -208,7 +238,7 @@ def check_memory(config: Namespace, subcommand: str | None) -> None:
     flag = {"validate": "val_batch_size", "test": "val_batch_size", "predict": "num_samples"}.get(subcommand)
     batch = config.sample.num_samples if flag == "num_samples" else config.data.get(flag or "batch_size")
     batch = batch or config.data.batch_size
-    cuda = on_cuda(config)
+    cuda = run_device(config) == "cuda"
     have = torch.cuda.get_device_properties(0).total_memory if cuda else host_memory()
     need = arch.memory_bytes(batch, training=subcommand in ("fit", None))
     if need > have:

@@ -2,12 +2,14 @@
 
 A command that does not set ``--trainer.precision`` trains and scores in bf16-mixed where the
 hardware computes in bf16 natively (an NVIDIA GPU from Ampere on; a CPU with AVX512-BF16 or AMX),
-and in fp32 elsewhere, where bf16 would be emulated and slower. Sampling on a CPU stays in fp32,
-which is faster there one token at a time (see ``docs/benchmarks.md`` for both measurements).
+and in fp32 elsewhere, where bf16 would be emulated and slower; a resumed or scored run keeps the
+precision its run recorded. Sampling stays in fp32 (on a CPU bf16 is no faster one token at a time;
+see ``docs/benchmarks.md``).
 
 A command that does not set ``--threads`` (nor ``OMP_NUM_THREADS``) uses torch's default, one
-thread per core, unless other processes keep cores busy: then it leaves them those cores. Two
-processes that each spin a thread on every core slow each other down several times over.
+thread per core, unless other processes keep cores busy (Linux: measured from ``/proc/stat``):
+then it leaves them those cores. Two processes that each spin a thread on every core slow each
+other down several times over.
 """
 
 from __future__ import annotations
@@ -20,38 +22,43 @@ from pathlib import Path
 import torch
 
 TORCH_THREADS = torch.get_num_threads()  # torch's own default, before anyone sets it
-CPUS = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1  # ours to use
+AFFINITY = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+CPUS = len(AFFINITY)  # the CPUs this process may run on
 STAT = Path("/proc/stat")  # Linux's count of clock ticks each CPU spent busy and idle
 
 
-def cpu_bf16() -> list[str]:
-    """This CPU's bf16 instruction sets (AVX512-BF16, AMX-BF16); none where bf16 would be emulated."""
-    capabilities = getattr(torch.cpu, "get_capabilities", dict)()  # an older torch cannot tell: none
+def cpu_bf16() -> list[str] | None:
+    """This CPU's bf16 instruction sets (AVX512-BF16, AMX-BF16); none where bf16 would be emulated;
+    None where this torch cannot tell (it has no ``torch.cpu.get_capabilities``)."""
+    if not hasattr(torch.cpu, "get_capabilities"):
+        return None
+    capabilities = torch.cpu.get_capabilities()
     return [name.upper().replace("_", "-") for name in ("avx512_bf16", "amx_bf16") if capabilities.get(name)]
 
 
-def native_bf16(cuda: bool) -> str | None:
-    """The hardware that would run in bf16 natively, in words; None where bf16 would be emulated."""
-    if cuda:
-        native = torch.cuda.is_bf16_supported(including_emulation=False)
-        return f"this GPU ({torch.cuda.get_device_name()})" if native else None
-    return f"this CPU ({' and '.join(found)})" if (found := cpu_bf16()) else None
-
-
-def default_precision(cuda: bool, subcommand: str | None) -> tuple[str, str]:
-    """The precision of a run that sets none, and why, in words."""
-    if not cuda and subcommand == "predict":
-        return "32-true", "sampling on a CPU is faster in fp32"
-    if hardware := native_bf16(cuda):
-        return "bf16-mixed", f"{hardware} computes in bf16 natively"
-    return "32-true", f"this {'GPU' if cuda else 'CPU'} has no native bf16 (it would be emulated, and slower)"
+def default_precision(device: str, subcommand: str | None) -> tuple[str, str]:
+    """The precision of a run on ``device`` (cpu, cuda, mps) that sets none, and why, in words."""
+    if subcommand == "predict":
+        return "32-true", "sampling stays in fp32"
+    if device == "cuda":
+        if torch.cuda.is_bf16_supported(including_emulation=False):
+            return "bf16-mixed", f"this GPU ({torch.cuda.get_device_name()}) computes in bf16 natively"
+        return "32-true", f"this GPU ({torch.cuda.get_device_name()}) has no native bf16"
+    if device != "cpu":
+        return "32-true", f"bf16 on {device} is not measured here"
+    found = cpu_bf16()
+    if found is None:
+        return "32-true", f"torch {torch.__version__} cannot tell whether this CPU has bf16 instructions"
+    if found:
+        return "bf16-mixed", f"this CPU ({' and '.join(found)}) computes in bf16 natively"
+    return "32-true", "this CPU has no bf16 instructions (bf16 would be emulated, and slower)"
 
 
 def _cpu_ticks() -> tuple[int, int, float] | None:
     """Busy and total clock ticks of the CPUs this process may run on, and this process's own CPU seconds."""
     if not STAT.is_file():
         return None
-    allowed = {f"cpu{i}" for i in os.sched_getaffinity(0)}  # Linux has both
+    allowed = {f"cpu{i}" for i in AFFINITY}
     busy = total = 0
     for line in STAT.read_text().splitlines():
         name, *ticks = line.split()
@@ -109,6 +116,7 @@ def machine() -> str:
     cpuinfo = Path("/proc/cpuinfo")
     lines = cpuinfo.read_text().splitlines() if cpuinfo.is_file() else []
     cpu = next((line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")), cpu)
-    cpu += f" ({', '.join(cpu_bf16())})" if cpu_bf16() else " (no native bf16)"
+    bf16 = cpu_bf16()
+    cpu += f" ({', '.join(bf16)})" if bf16 else " (no native bf16)" if bf16 == [] else ""
     gpu = f"{torch.cuda.get_device_name()}, " if torch.cuda.is_available() else ""
     return f"{gpu}{cpu}, {os.cpu_count()} cores, {torch.get_num_threads()} thread(s); torch {torch.__version__}"

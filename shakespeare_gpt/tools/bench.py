@@ -263,14 +263,17 @@ def split(argv: list[str]) -> tuple[list[str], list[str]]:
 def check(opts, extra: list[str], out: Path) -> None:
     """Refuse bad input before anything runs or is written."""
     config, sections, nanogpt = opts.config, opts.sections, Path(opts.nanogpt or ".")
-    if opts.nanogpt and not (
-        (nanogpt / "train.py").is_file() and (nanogpt / "data/shakespeare_char/val.bin").is_file()
+    fits = "fit" in sections
+    if (
+        fits
+        and opts.nanogpt
+        and not ((nanogpt / "train.py").is_file() and (nanogpt / "data/shakespeare_char/val.bin").is_file())
     ):
         raise UserError(
             f"--nanogpt {opts.nanogpt}: give a nanoGPT checkout whose data is prepared "
             "(python data/shakespeare_char/prepare.py, run in it, writes data/shakespeare_char/*.bin)"
         )
-    for precision in set(opts.fit_precisions) - {"default"}:
+    for precision in set(opts.fit_precisions) - {"default"} if fits else ():
         if why := refusal(run_args(config, [*extra, f"--trainer.precision={precision}"], 1)):
             raise UserError(f"--fit-precisions {precision}: give default or a --trainer.precision value: {why}")
     if not sections:
@@ -303,7 +306,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def bench(opts, extra: list[str], out: Path) -> dict:
-    result: dict = {"config": opts.config, "extra_args": extra, "machine": machine()}
+    precision = build_run(opts.config, extra, 1).trainer.precision  # the train and generate sections'
+    result: dict = {"config": opts.config, "extra_args": extra, "machine": machine(), "precision": precision}
     if "train" in opts.sections:
         # Alternated, so that a machine whose speed drifts (a shared VM) slows both paths alike.
         lightning, bare = [], []

@@ -85,12 +85,12 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     except REFUSED as e:
         raise UserError(f"{label}: {e}") from None
     metrics = cli.trainer.callback_metrics
-    # The draw predict_step makes, on the device and in the precision the trainer runs in (Lightning
+    # The draw predict_step makes, on the device and in the precision predict runs in (fp32; Lightning
     # moves the model back to the CPU after validate).
     model, device = cli.model, cli.trainer.strategy.root_device
     model.to(device)
     idx = sampling.encode(model.tokenizer).to(device)
-    with cli.trainer.precision_plugin.forward_context():
+    with torch.inference_mode():
         g = torch.Generator(device=device).manual_seed(sampling.seed)
         model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
         times = []

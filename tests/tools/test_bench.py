@@ -53,7 +53,7 @@ def test_bench_writes_its_sections_and_table(place, capsys):
     argv = ["--config", "tiny.yaml", "--sections=train,generate", "--steps=2", "--warmup", "1", "--repeats=1"]
     result = bench.main([*argv, "--gen-tokens=10", "--trainer.accelerator", "cpu", "--out=b.json"])
     assert json.loads((place / "b.json").read_text()) == result
-    assert list(result) == ["config", "extra_args", "machine", "train", "generate"]
+    assert list(result) == ["config", "extra_args", "machine", "precision", "train", "generate"]
     assert result["config"] == "tiny.yaml" and result["extra_args"] == ["--trainer.accelerator", "cpu"]
     train, gen = result["train"], result["generate"]
     assert list(train) == [
@@ -78,7 +78,7 @@ def test_bench_writes_its_sections_and_table(place, capsys):
 def test_only_the_sections_asked_for_run(place, capsys):
     argv = ["--config=tiny.yaml", "--sections", "generate", "--gen-tokens=5", "--repeats=1", "--out=g.json"]
     result = bench.main([*argv, "--trainer.accelerator=cpu"])
-    assert list(result) == ["config", "extra_args", "machine", "generate"]
+    assert list(result) == ["config", "extra_args", "machine", "precision", "generate"]
     assert files(place) == {"g.json", "tiny.yaml"}
 
 

@@ -14,7 +14,6 @@ import csv
 import json
 import logging
 import math
-import os
 import shutil
 import signal
 import time
@@ -26,7 +25,7 @@ import torch
 from lightning.pytorch.callbacks import Callback
 
 from ...cli import build
-from ...hardware import machine
+from ...hardware import CPUS, machine
 from ...utils import NonFiniteLossError, UserError, atomic_open, git_commit, quiet_third_party
 from .study import Run, Study
 from .verdicts import aggregate, best_lr, evaluate, fails_to_train
@@ -175,7 +174,7 @@ class RayEngine:
         raise KeyboardInterrupt
 
     def submit(self, study: Study, runs: list[Run], study_dir: Path, commit: str) -> None:
-        threads = self.cpus if self.address else max(1, (os.cpu_count() or 1) // self.jobs)
+        threads = self.cpus if self.address else max(1, CPUS // self.jobs)
         for run in runs:
             self.pending[self.task.remote(study, run, study_dir, commit, threads)] = run
 
