@@ -4,8 +4,10 @@ file and the field; the committed studies load and their committed runs count as
 from pathlib import Path
 
 import pytest
+import torch
 import yaml
 
+from shakespeare_gpt.cli import build
 from shakespeare_gpt.tools.ablate.runner import finished_rows
 from shakespeare_gpt.tools.ablate.study import Run, Study
 from shakespeare_gpt.utils import UserError
@@ -160,3 +162,15 @@ def test_the_seed_study_file_names_every_variant_config():
     full = Study.load(ABLATIONS / "full_scale_study.yaml")
     assert set(full.variants) == {"baseline", "post_norm", "tied_embeddings"} and len(full.seeds) >= 3
     assert {c.id for c in full.claims} == {"10", "11"} and study.also == [ABLATIONS / "full_scale_study.yaml"]
+
+
+def test_a_study_runs_in_fp32_on_every_machine_unless_its_configs_name_a_precision(place, corpus_dir, monkeypatch):
+    monkeypatch.setattr(torch.cpu, "get_capabilities", lambda: {"avx512_bf16": True})  # bf16 by default here
+    monkeypatch.chdir(place)
+    (place / "base.yaml").write_text(
+        f"model:\n  n_layer: 1\n  block_size: 16\ndata:\n  corpus: {corpus_dir / 'input.txt'}\n"
+    )
+    (place / "v.yaml").write_text("trainer:\n  precision: bf16-mixed\n")
+    study = Study.load(place / "study.yaml")
+    for run, expected in ((Run("baseline", 1e-3, 0), "32-true"), (Run("nd", 1e-3, 0), "bf16-mixed")):
+        assert build(study.run_args(run, place / "logs"), save_config=False).trainer.precision == expected

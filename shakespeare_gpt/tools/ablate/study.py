@@ -158,6 +158,7 @@ class Study:
     def run_args(self, run: Run, study_dir: Path) -> list[str]:
         """The arguments of one run for ``cli.build``: the study's configs and this point's values."""
         return [
+            "--trainer.precision=32-true",  # unless its configs name one: the same runs on every machine
             *(f"--config={c}" for c in [self.base, *self.variants[run.variant]]),
             *self.args,
             f"--model.learning_rate={run.lr}",
