@@ -64,7 +64,7 @@ class ShakespeareCLI(LightningCLI):
         parser.link_arguments("model.init_args.block_size", "data.block_size")  # the model's context decides
         parser.add_argument(
             "--threads",
-            type=PositiveInt | None,
+            type=PositiveInt,
             default=None,
             help="CPU threads (default: one per core, fewer when other processes keep cores busy; or OMP_NUM_THREADS)",
         )
