@@ -7,6 +7,9 @@ which batch.
 
 from __future__ import annotations
 
+import codecs
+import contextlib
+import dataclasses
 import functools
 import gzip
 import hashlib
@@ -17,6 +20,7 @@ import lightning as L
 import torch
 import urllib3
 from jsonargparse.typing import NonNegativeInt, PositiveInt, restricted_string_type
+from lightning.pytorch.utilities import rank_zero_info
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .utils import Text, UserError, atomic_open, check_writable
@@ -27,6 +31,9 @@ BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 KNOWN_SIZES = {SHA256: 1_115_394}  # a size mismatch is reported before hashing: "truncated" is clearer
 TRAIN_FRACTION = 0.9  # first 90% train, last 10% val, as in the lecture
+# Bytes of a corpus file read, checked and encoded at a time. A longer text is encoded into the
+# cache folder and memory-mapped: it is never whole in memory, and tiny Shakespeare always is.
+CHUNK = 1 << 22
 Sha256 = restricted_string_type("Sha256", r"^[0-9a-f]{64}$")  # as sha256sum prints it
 # A failed connection or a server error (5xx) is tried 3 times in all; a 404 or a wrong file is not.
 RETRIES = urllib3.Retry(total=2, backoff_factor=2.0, status_forcelist=(500, 502, 503, 504), raise_on_status=False)
@@ -76,58 +83,145 @@ def cached_download(url: str, cache_dir: str | Path, sha256: str | None = None, 
     return path
 
 
-def bundled_text() -> str:
-    """Tiny Shakespeare as shipped inside the package, checked against its published sha256."""
-    data = gzip.decompress(BUNDLED_FILE.read_bytes())
-    if hashlib.sha256(data).hexdigest() != SHA256:
-        raise UserError(f"the bundled corpus {BUNDLED_FILE} is damaged (wrong sha256): reinstall shakespeare-gpt")
-    return data.decode("utf-8")
-
-
-def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = "data") -> str:
-    """The text named by ``--data.corpus``: ``tinyshakespeare`` (bundled), a text file, or an http(s) URL.
-
-    ``sha256``, when given, is checked against the file's bytes. An empty file or one that is not
-    UTF-8 text is refused in one line that names it.
-    """
+def corpus_file(corpus: str, cache_dir: str | Path = "data") -> Path:
+    """The file named by ``--data.corpus``: the bundled corpus (gzip), a text file, or the local copy of a URL."""
     if corpus == BUNDLED:
-        if sha256 is not None and sha256 != SHA256:
-            raise UserError(f"--data.sha256 {sha256} is not the bundled tiny Shakespeare's ({SHA256}): drop it")
-        return bundled_text()
+        return BUNDLED_FILE
     if corpus.startswith(("http://", "https://")):
-        path = cached_download(corpus, cache_dir, sha256)
-    else:
-        path = Path(corpus).expanduser()
-        if not path.is_file():
-            what = "is a folder" if path.is_dir() else "does not exist"
-            raise UserError(
-                f"--data.corpus {corpus} {what}: give a text file, an http(s) URL, or {BUNDLED} (the bundled corpus)"
-            )
+        return cached_download(corpus, cache_dir)
+    path = Path(corpus).expanduser()
+    if not path.is_file():
+        what = "is a folder" if path.is_dir() else "does not exist"
+        raise UserError(
+            f"--data.corpus {corpus} {what}: give a text file, an http(s) URL, or {BUNDLED} (the bundled corpus)"
+        )
+    return path
+
+
+def text_chunks(path: Path, digest=None) -> Iterator[str]:
+    """The text of the corpus file ``path``, ``CHUNK`` bytes at a time (``digest`` sees the bytes).
+
+    A file that is empty, UTF-16, holds NUL bytes or is not UTF-8 is refused in one line that names it.
+    """
+    decoder, offset = codecs.getincrementaldecoder("utf-8")(), 0
     try:
-        data = path.read_bytes()
+        f = gzip.open(path) if path == BUNDLED_FILE else open(path, "rb")  # noqa: SIM115 (closed below)
+        with f:
+            while True:
+                block = f.read(CHUNK)
+                if offset == 0 and block.startswith((b"\xff\xfe", b"\xfe\xff")):
+                    raise UserError(
+                        f"the corpus {path} is UTF-16 text, not UTF-8: convert it first, "
+                        f"e.g. iconv -f utf-16 -t utf-8 {path} > corpus.txt"
+                    )
+                if b"\0" in block:
+                    raise UserError(
+                        f"the corpus {path} is not a text file (it holds NUL bytes): give a UTF-8 text file"
+                    )
+                if digest is not None:
+                    digest.update(block)
+                try:
+                    text = decoder.decode(block, final=not block)  # an empty block: the end of the file
+                except UnicodeDecodeError as e:
+                    at = offset + e.start - (len(e.object) - len(block))  # e.object: the bytes held back, then block
+                    raise UserError(
+                        f"the corpus {path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {at}): "
+                        f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > corpus.txt"
+                    ) from None
+                if not block:
+                    break
+                offset += len(block)
+                yield text
     except OSError as e:
-        raise UserError(f"cannot read the corpus {path} ({e.strerror})") from None
-    if sha256 is not None and (got := hashlib.sha256(data).hexdigest()) != sha256:
+        raise UserError(f"cannot read the corpus {path} ({e.strerror or e})") from None
+    if offset == 0:
+        raise UserError(f"the corpus {path} is empty: give a file with text in it")
+
+
+@dataclasses.dataclass
+class Scan:
+    """What one pass over a corpus file tells: its length in characters, its characters, its sha256."""
+
+    chars: int
+    vocab: str
+    sha256: str
+
+
+def scan(corpus: str, sha256: str | None = None, cache_dir: str | Path = "data") -> Scan:
+    """Read ``--data.corpus`` once, in chunks, and check it (``sha256``, when given, against its bytes)."""
+    if corpus == BUNDLED and sha256 is not None and sha256 != SHA256:
+        raise UserError(f"--data.sha256 {sha256} is not the bundled tiny Shakespeare's ({SHA256}): drop it")
+    path, digest, n, seen = corpus_file(corpus, cache_dir), hashlib.sha256(), 0, set()
+    for text in text_chunks(path, digest):
+        n += len(text)
+        seen.update(text)
+    got = digest.hexdigest()
+    if corpus == BUNDLED and got != SHA256:
+        raise UserError(f"the bundled corpus {BUNDLED_FILE} is damaged (wrong sha256): reinstall shakespeare-gpt")
+    if sha256 is not None and got != sha256:
         raise UserError(
             f"the corpus {path} has sha256 {got}, not the --data.sha256 {sha256} asked for: "
             "check the file, or drop --data.sha256"
         )
-    if not data:
-        raise UserError(f"the corpus {path} is empty: give a file with text in it")
-    if data.startswith((b"\xff\xfe", b"\xfe\xff")):
-        raise UserError(
-            f"the corpus {path} is UTF-16 text, not UTF-8: convert it first, "
-            f"e.g. iconv -f utf-16 -t utf-8 {path} > corpus.txt"
-        )
-    if b"\0" in data[: 1 << 16]:
-        raise UserError(f"the corpus {path} is not a text file (it holds NUL bytes): give a UTF-8 text file")
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        raise UserError(
-            f"the corpus {path} is not UTF-8 text (byte 0x{data[e.start]:02x} at offset {e.start}): "
-            f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > corpus.txt"
-        ) from None
+    return Scan(n, "".join(sorted(seen)), got)
+
+
+def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = "data") -> str:
+    """The whole text named by ``--data.corpus`` (``tinyshakespeare``, a text file or an http(s) URL), checked."""
+    scan(corpus, sha256, cache_dir)
+    return "".join(text_chunks(corpus_file(corpus, cache_dir)))
+
+
+def stretch(path: Path, start: int, end: int) -> Iterator[str]:
+    """Characters ``start`` to ``end`` of the corpus file ``path``, a chunk at a time."""
+    at = 0
+    for text in text_chunks(path):
+        if at + len(text) > start and at < end:
+            yield text[max(0, start - at) : end - at]
+        at += len(text)
+
+
+def encode(pieces: Iterator[str], tokenizer, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The token ids of ``pieces``, in the smallest integer type that holds the vocabulary, and the characters
+    each accounts for (None: one each, as for characters).
+
+    ``cache``: the file the ids are written to, a chunk at a time, and memory-mapped from (the counts
+    go to ``<cache>.chars``), so that the text is never whole in memory, nor are its ids; a cache
+    already there is used as it is.
+    """
+    dtype = next(t for t in (torch.uint8, torch.uint16, torch.int32) if len(tokenizer) <= torch.iinfo(t).max + 1)
+    counts = None if cache is None else cache.with_name(cache.name + ".chars")
+    parts, files = [], []
+    with contextlib.ExitStack() as stack:  # on leaving: the counts' file renamed into place, then the ids'
+        for text in pieces if cache is None or not cache.exists() else ():
+            ids, chars = tokenizer.encode_with_chars(text)
+            ids, chars = ids.to(dtype), None if chars is None else chars.to(torch.int32)
+            if cache is None:
+                parts.append((ids, chars))
+                continue
+            if not files:  # the tokenizer's first answer says whether there are counts to keep
+                files = [
+                    stack.enter_context(atomic_open(p, "wb")) for p in (cache, counts)[: 1 if chars is None else 2]
+                ]
+            for f, part in zip(files, (ids, chars), strict=False):
+                f.write(part.numpy().tobytes())
+    if cache is None:
+        ids, chars = zip(*parts, strict=True)
+        return torch.cat(ids), None if chars[0] is None else torch.cat(chars)
+    return mapped(cache, dtype), mapped(counts, torch.int32) if counts.exists() else None
+
+
+def mapped(path: Path, dtype: torch.dtype) -> torch.Tensor:
+    """The array of ``dtype`` in the file ``path``, memory-mapped: read from disk as it is used."""
+    return torch.from_file(str(path), shared=False, size=path.stat().st_size // dtype.itemsize, dtype=dtype)
+
+
+def corpus_memory(corpus: str, on_device: bool) -> int:
+    """A lower bound on the bytes the encoded corpus ``--data.corpus`` takes in memory, before it is read: on
+    the training device (``--data.on_device``) all of it, else up to a chunk (a longer one is memory-mapped)."""
+    path = Path(corpus).expanduser()
+    size = KNOWN_SIZES[SHA256] if corpus == BUNDLED else path.stat().st_size if path.is_file() else 0
+    return size if on_device else min(size, CHUNK)  # at least a byte a token
 
 
 def shortest_corpus(block_size: int) -> int:
@@ -161,7 +255,7 @@ class TrainWindows(Dataset):
         starts = torch.as_tensor(indices)
         if self.data.is_cuda:  # from pinned memory the copy does not wait for the GPU to catch up
             starts = starts.pin_memory().to(self.data.device, non_blocking=True)
-        chunk = self.data[starts[:, None] + self.offsets]  # (B, T + 1)
+        chunk = self.data[starts[:, None] + self.offsets].long()  # (B, T + 1)
         return chunk[:, :-1], chunk[:, 1:]
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,39 +316,48 @@ class ValWindows(Dataset):
     perplexity guide's sliding window). Targets not scored are -1, which the loss ignores.
     The split's first token is never a target: nothing precedes it.
 
+    With ``max_targets``, a split that has more targets keeps only evenly spread windows, each
+    scoring what it scores in the full pass, up to about ``max_targets`` in all: the same
+    quantity, estimated in bounded time. Windows are cut from the split as they are asked for.
+
     Items are ``(x, y, chars)``: inputs, targets, and how many characters of text each target
     token accounts for (0 where not scored), so that bits per character is the same quantity for
     every tokenizer. The pass is deterministic: the same weights always give the same loss.
     """
 
-    def __init__(self, data: torch.Tensor, block_size: int, chars: torch.Tensor | None = None) -> None:
+    def __init__(
+        self, data: torch.Tensor, block_size: int, chars: torch.Tensor | None = None, max_targets: int | None = None
+    ) -> None:
         T, n_targets = block_size, len(data) - 1
         if n_targets < T:
             raise UserError(f"the val split has {len(data)} tokens, fewer than block_size + 1 = {T + 1}")
-        stride = max(1, T // 2)
-        starts = list(range(0, n_targets - T + 1, stride))
+        starts = torch.arange(0, n_targets - T + 1, max(1, T // 2))
         if starts[-1] + T < n_targets:
-            starts.append(n_targets - T)  # a window that ends exactly at the last token
-        idx = torch.tensor(starts, device=data.device)[:, None] + torch.arange(T, device=data.device)
-        self.x, self.y = data[idx], data[idx + 1].clone()
-        chars = torch.ones_like(data) if chars is None else chars.to(data.device)
-        self.chars = chars[idx + 1].clone()
-        covered = 0  # targets at positions 1..covered are scored by an earlier window
-        for row, start in enumerate(starts):
-            seen = max(0, min(T, covered - start))  # this window's targets an earlier one scored
-            self.y[row, :seen] = -1
-            self.chars[row, :seen] = 0
-            covered = start + T
+            starts = torch.cat([starts, torch.tensor([n_targets - T])])  # a window that ends at the last token
+        # How many of each window's first targets an earlier window scored.
+        seen = (torch.cat([torch.zeros(1, dtype=torch.long), starts[:-1] + T]) - starts).clamp(0, T)
+        self.targets = n_targets  # scored by the full pass
+        if max_targets is not None and n_targets > max_targets:
+            keep = torch.linspace(0, len(starts) - 1, -(-max_targets // (T - T // 2))).round().long().unique()
+            starts, seen = starts[keep], seen[keep]
+            self.targets = int((T - seen).sum())
+        self.data, self.chars = data, chars
+        self.starts, self.seen = starts.to(data.device), seen.to(data.device)
+        self.offsets = torch.arange(T + 1, device=data.device)
 
     def __len__(self) -> int:
-        return len(self.x)
+        return len(self.starts)
 
     def __getitems__(self, indices: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        i = torch.tensor(indices, device=self.x.device)
-        return self.x[i], self.y[i], self.chars[i]
+        i = torch.as_tensor(indices, device=self.starts.device)
+        at = self.starts[i, None] + self.offsets  # (B, T + 1) positions in the split
+        window = self.data[at].long()
+        scored = self.offsets[1:] > self.seen[i, None]  # target t is scored unless an earlier window did it
+        chars = torch.ones_like(window[:, 1:]) if self.chars is None else self.chars[at[:, 1:]].long()
+        return window[:, :-1], window[:, 1:].masked_fill(~scored, -1), chars.masked_fill(~scored, 0)
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i], self.chars[i]
+        return tuple(t[0] for t in self.__getitems__([i]))
 
 
 class ShakespeareDataModule(L.LightningDataModule):
@@ -268,15 +371,19 @@ class ShakespeareDataModule(L.LightningDataModule):
             text file of your own, or an http(s) URL to download it from.
         sha256: checksum the corpus file must have (checked when given; the bundled corpus
             always checks its own).
-        cache_dir: where a corpus given by URL is downloaded to.
+        cache_dir: where a corpus given by URL is downloaded to, and a corpus longer than 4 MB is
+            encoded to (a byte or two per character, once per tokenizer).
         block_size: context length; the CLI links it from ``--model.block_size``.
         batch_size: training windows per step.
         val_batch_size: windows per validation batch (default: ``batch_size``).
         num_workers: DataLoader worker processes; batches are cheap, 0 is usually fastest.
         on_device: keep the encoded text on the training device (a GPU): batches are gathered
-            there and never copied from the host. The whole corpus is 9 MB as int64.
+            there and never copied from the host. Tiny Shakespeare is 1.1 MB there (a byte a token).
         eval_train: at each validation also pass over a val-sized stretch of the train split in
             eval mode, logged as ``train_eval/loss`` (for the train-val gap of the ablation study).
+        val_tokens: score at most about this many val tokens at each validation, in evenly spread
+            windows, the same ones every time (null: every token). Tiny Shakespeare's val split
+            (111,539 tokens for the character model) is always scored whole.
     """
 
     def __init__(
@@ -290,6 +397,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         num_workers: NonNegativeInt = 0,
         on_device: bool = False,
         eval_train: bool = False,
+        val_tokens: PositiveInt | None = 2**18,
     ) -> None:
         super().__init__()
         self.save_hyperparameters()
@@ -297,47 +405,67 @@ class ShakespeareDataModule(L.LightningDataModule):
         self.block_size, self.batch_size = block_size, batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.num_workers, self.on_device, self.eval_train = num_workers, on_device, eval_train
+        self.val_tokens = val_tokens
         self.sampling = None  # what ``predict`` draws (a ``sampling.Sampling``); the CLI sets it from --sample.*
         # Set by ``setup``: each split's token ids, and the characters each token accounts for.
         self.train_data = self.train_chars = self.val_data = self.val_chars = None
 
     @functools.cached_property
-    def text(self) -> str:
-        """The whole corpus, read (and checked: long enough for one window in each split) once."""
-        text = read_corpus(self.corpus, self.sha256, self.cache_dir)
-        if len(text) < (need := shortest_corpus(self.block_size)):
+    def scan(self) -> Scan:
+        """The corpus read once (and checked: long enough for one window in each split)."""
+        found = scan(self.corpus, self.sha256, self.cache_dir)
+        if found.chars < (need := shortest_corpus(self.block_size)):
             raise UserError(
-                f"the corpus {self.corpus} has {len(text)} characters: too short for one window of "
+                f"the corpus {self.corpus} has {found.chars} characters: too short for one window of "
                 f"block_size + 1 = {self.block_size + 1} in each split (90% train, 10% val); give at least "
                 f"{need} characters, or a smaller --model.block_size"
             )
-        return text
+        return found
 
     @property
     def vocab(self) -> str:
         """The corpus's characters, sorted: the vocabulary of a character model trained on it."""
-        return "".join(sorted(set(self.text)))
+        return self.scan.vocab
 
     def setup(self, stage: str, tokenizer=None) -> None:
-        """Encode both splits with ``tokenizer``, by default the tokenizer of the model being run."""
+        """Encode both splits with ``tokenizer``, by default the tokenizer of the model being run.
+
+        A corpus longer than ``CHUNK`` characters is encoded a chunk at a time into ``cache_dir``,
+        once for each tokenizer, and memory-mapped from there.
+        """
         if stage == "predict":
             return
         if tokenizer is None:
             tokenizer = self.trainer.lightning_module.tokenizer
-        n = int(TRAIN_FRACTION * len(self.text))
+        path, n = corpus_file(self.corpus, self.cache_dir), self.scan.chars
+        key = hashlib.blake2b(f"{self.scan.sha256}/{tokenizer.fingerprint}".encode(), digest_size=6).hexdigest()
         device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
-        for name, text in (("train", self.text[:n]), ("val", self.text[n:])):
+        split = int(TRAIN_FRACTION * n)
+        for name, start, end in (("train", 0, split), ("val", split, n)):
+            cache = None if n <= CHUNK else Path(self.cache_dir) / f"{path.name}.{key}.{name}"
+            if cache is not None:
+                check_writable(cache.parent, "--data.cache_dir")
             try:
-                ids, chars = tokenizer.encode_with_chars(text)
+                ids, chars = encode(stretch(path, start, end), tokenizer, cache)
             except UserError as e:
                 raise UserError(f"the corpus {self.corpus} does not fit the model: {e}") from None
+            except OSError as e:
+                raise UserError(
+                    f"cannot write the encoded corpus in {cache.parent} ({e.strerror}): free some space there, "
+                    "or give another --data.cache_dir"
+                ) from None
             if len(ids) < self.block_size + 1:
                 raise UserError(
                     f"the corpus {self.corpus}'s {name} split is {len(ids)} tokens: too short for one window of "
                     f"block_size + 1 = {self.block_size + 1}; give a longer text, or a smaller --model.block_size"
                 )
             setattr(self, f"{name}_data", ids.to(device))
-            setattr(self, f"{name}_chars", chars.to(device))
+            setattr(self, f"{name}_chars", None if chars is None else chars.to(device))
+        if (windows := self.val_windows(self.val_data, self.val_chars)).targets < len(self.val_data) - 1:
+            rank_zero_info(
+                f"validation: {windows.targets:,} of the val split's {len(self.val_data) - 1:,} tokens, in "
+                f"{len(windows):,} evenly spread windows (--data.val_tokens null: all of them)"
+            )
 
     def train_dataloader(self) -> DataLoader:
         windows = TrainWindows(self.train_data, self.block_size)
@@ -358,24 +486,32 @@ class ShakespeareDataModule(L.LightningDataModule):
         )
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
+        val = self._eval_loader(self.val_data, self.val_chars)
         if not self.eval_train:
-            return self._eval_loader(self.val_data, self.val_chars)
-        # The same full pass over a stretch of train text as long as the val split: with dropout
-        # off, its loss minus the val loss is the generalisation gap.
+            return val
+        # The same pass over a stretch of train text as long as the val split: with dropout off,
+        # its loss minus the val loss is the generalisation gap.
         n = len(self.val_data)
-        return [
-            self._eval_loader(self.val_data, self.val_chars),
-            self._eval_loader(self.train_data[:n], self.train_chars[:n]),
-        ]
+        return [val, self._eval_loader(self.train_data[:n], None if self.train_chars is None else self.train_chars[:n])]
 
     def test_dataloader(self) -> DataLoader:
         # Tiny Shakespeare has no separate test split; "test" reports on the val split.
         return self._eval_loader(self.val_data, self.val_chars)
 
-    def _eval_loader(self, data: torch.Tensor, chars: torch.Tensor) -> DataLoader:
-        windows = ValWindows(data, self.block_size, chars)
+    def val_windows(self, data: torch.Tensor, chars: torch.Tensor | None) -> ValWindows:
+        return ValWindows(data, self.block_size, chars, self.val_tokens)
+
+    def _eval_loader(self, data: torch.Tensor, chars: torch.Tensor | None) -> DataLoader:
+        windows = self.val_windows(data, chars)
         return DataLoader(windows, batch_size=self.val_batch_size, shuffle=False, collate_fn=_batch_as_is)
 
     def predict_dataloader(self) -> DataLoader:
-        """One batch: the sampling settings, which the model's ``predict_step`` turns into samples."""
-        return DataLoader([self.sampling], batch_size=None, collate_fn=_batch_as_is)
+        """The sampling settings, one item a batch of up to ``batch_size`` samples, which the model's ``predict_step``
+        turns into samples (None: the model's defaults)."""
+        s = self.sampling
+        if s is None:
+            return DataLoader([None], batch_size=None, collate_fn=_batch_as_is)
+        sizes = [min(s.batch_size, s.num_samples - i) for i in range(0, s.num_samples, s.batch_size)]
+        return DataLoader(
+            [dataclasses.replace(s, num_samples=n) for n in sizes], batch_size=None, collate_fn=_batch_as_is
+        )

@@ -149,6 +149,8 @@ class HFTokenizer:
                 "character offsets"
             )
         self.name = name
+        # What a cache of encoded text is keyed by: the whole tokenizer, as its tokenizer.json holds it.
+        self.fingerprint = self.tokenizer.backend_tokenizer.to_str()
 
     def __len__(self) -> int:
         return len(self.tokenizer)

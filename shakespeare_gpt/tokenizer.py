@@ -20,6 +20,9 @@ class CharTokenizer:
             raise UserError(f"a vocabulary must be a non-empty string of distinct characters, got {vocab!r}")
         self.vocab = vocab
         self.stoi = {ch: i for i, ch in enumerate(vocab)}
+        self.fingerprint = f"characters {vocab}"  # what a cache of encoded text is keyed by
+        points = torch.tensor([ord(ch) for ch in vocab])
+        self.points, self.order = points.sort()  # code points in order, and the id of each
 
     def __len__(self) -> int:
         return len(self.vocab)
@@ -36,7 +39,13 @@ class CharTokenizer:
     def decode(self, ids: list[int]) -> str:
         return "".join(self.vocab[i] for i in ids)
 
-    def encode_with_chars(self, text: str) -> tuple[torch.Tensor, torch.Tensor]:
-        """Token ids of ``text``, and how many characters each accounts for: one, for characters."""
-        ids = torch.tensor(self.encode(text), dtype=torch.long)
-        return ids, torch.ones_like(ids)
+    def encode_with_chars(self, text: str) -> tuple[torch.Tensor, None]:
+        """Token ids of ``text`` as a tensor, and None: each accounts for one character.
+
+        Vectorised (a search among the vocabulary's code points), for texts of any length.
+        """
+        points = torch.frombuffer(bytearray(text.encode("utf-32-le")), dtype=torch.int32)
+        at = torch.searchsorted(self.points, points).clamp_(max=len(self.vocab) - 1)
+        if not torch.equal(self.points[at], points.long()):
+            self.encode(text)  # says which characters are unknown
+        return self.order[at], None

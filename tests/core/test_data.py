@@ -190,8 +190,9 @@ def test_train_windows_batch_gather_matches_single_items():
 
 def test_predict_reads_no_corpus_and_hands_the_model_its_sampling_settings(tmp_path):
     dm = ShakespeareDataModule(corpus=str(tmp_path / "absent.txt"))
-    dm.sampling = Sampling(prompt="ABC:", num_samples=3)
-    assert next(iter(dm.predict_dataloader())) is dm.sampling
+    dm.sampling = Sampling(prompt="ABC:", num_samples=5, batch_size=2)
+    batches = list(dm.predict_dataloader())  # in batches of up to batch_size samples, each printed when done
+    assert [b.num_samples for b in batches] == [2, 2, 1] and all(b.prompt == "ABC:" for b in batches)
     assert list(tmp_path.iterdir()) == []
 
 
@@ -199,3 +200,55 @@ def test_a_corpus_with_characters_the_model_lacks_is_named(corpus_dir):
     dm = ShakespeareDataModule(corpus=str(corpus_dir / "input.txt"), block_size=8)
     with pytest.raises(UserError, match=r"input.txt does not fit the model: characters not in the model's vocab"):
         dm.setup("validate", CharTokenizer("abc"))
+
+
+def test_splits_are_stored_in_the_smallest_integer_type():
+    dm = ShakespeareDataModule(block_size=8)  # the bundled corpus, a character model: a byte a token
+    dm.setup("fit", CharTokenizer(dm.vocab))
+    assert dm.train_data.dtype == torch.uint8 and dm.train_chars is None
+    assert len(dm.train_data) + len(dm.val_data) == 1_115_394
+
+
+def test_a_long_corpus_is_encoded_into_the_cache_once_and_memory_mapped(tmp_path, monkeypatch):
+    text = "".join(chr(0x400 + i % 300) + TINY_TEXT[i % 500] for i in range(20_000))  # 300+ characters: uint16
+    (tmp_path / "long.txt").write_text(text)
+    in_memory = ShakespeareDataModule(corpus=str(tmp_path / "long.txt"), block_size=8, cache_dir=str(tmp_path / "c"))
+    in_memory.setup("fit", CharTokenizer(in_memory.vocab))
+    assert not (tmp_path / "c").exists()  # shorter than a chunk: encoded in memory, nothing written
+    monkeypatch.setattr(data, "CHUNK", 1000)  # read and encoded 1000 bytes at a time (a character cut in two)
+    cached = ShakespeareDataModule(corpus=str(tmp_path / "long.txt"), block_size=8, cache_dir=str(tmp_path / "c"))
+    assert cached.vocab == in_memory.vocab
+    cached.setup("fit", CharTokenizer(cached.vocab))
+    for split in ("train_data", "val_data"):
+        assert getattr(cached, split).dtype == torch.uint16
+        assert torch.equal(getattr(cached, split), getattr(in_memory, split))
+    files = sorted(p.name for p in (tmp_path / "c").iterdir())
+    assert len(files) == 2 and files[0].startswith("long.txt.") and files[1].endswith(".val")
+    stamps = [p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()]
+    cached.setup("fit", CharTokenizer(cached.vocab))  # the second run reads the cache as it is
+    assert [p.stat().st_mtime_ns for p in (tmp_path / "c").iterdir()] == stamps
+
+
+def test_a_bad_byte_in_a_later_chunk_is_named_at_its_offset(tmp_path, monkeypatch):
+    monkeypatch.setattr(data, "CHUNK", 64)
+    (tmp_path / "bad.txt").write_bytes(b"a" * 100 + b"\xe9" + b"b" * 100)
+    with pytest.raises(UserError, match=r"bad.txt is not UTF-8 text \(byte 0xe9 at offset 100\)"):
+        read_corpus(str(tmp_path / "bad.txt"))
+    (tmp_path / "cut.txt").write_bytes(b"a" * 127 + "é".encode()[:1])  # a character cut off at the end
+    with pytest.raises(UserError, match=r"cut.txt is not UTF-8 text \(byte 0xc3 at offset 127\)"):
+        read_corpus(str(tmp_path / "cut.txt"))
+
+
+def test_a_large_val_split_is_scored_in_evenly_spread_windows_every_time_the_same():
+    data_ = torch.arange(10_001) % 50
+    full = ValWindows(data_, 16)
+    part = ValWindows(data_, 16, max_targets=1000)
+    assert full.targets == 10_000 and 1000 <= part.targets < 1000 + 16
+    assert len(part) == 125 and part.starts[0] == 0 and part.starts[-1] == full.starts[-1]
+    gaps = part.starts.diff()
+    assert gaps.max() - gaps.min() <= 8  # evenly spread: one stride apart at most
+    # Each kept window scores exactly what it scores in the full pass.
+    rows = [int((full.starts == s).nonzero()) for s in part.starts[:5].tolist()]
+    for a, b in zip(full.__getitems__(rows), part.__getitems__(list(range(5))), strict=True):
+        assert torch.equal(a, b)
+    assert ValWindows(data_, 16, max_targets=10_000).targets == 10_000  # not more than the cap: the full pass

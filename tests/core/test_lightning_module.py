@@ -28,7 +28,7 @@ cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GP
 @pytest.mark.parametrize("n,T", [(101, 10), (100, 10), (11, 10), (57, 7), (300, 9), (40, 2)])
 def test_windows_score_every_token_but_the_first_once_with_half_a_window_of_context(n, T):
     ds = ValWindows(torch.arange(n), T)
-    x, y, chars = ds.x, ds.y, ds.chars
+    x, y, chars = ds.__getitems__(list(range(len(ds))))
     assert torch.equal(y[y != -1].sort().values, torch.arange(1, n))  # every target once; token 0 never
     assert torch.equal(x + 1, torch.where(y == -1, x + 1, y))  # a target is the token after its input
     assert torch.equal(chars, (y != -1).long())  # characters: one per scored token
@@ -54,6 +54,8 @@ class Chunks:
 
     Its id for a chunk is the chunk's length minus one, so four ids in all.
     """
+
+    fingerprint = "chunks of 1 to 4 characters"
 
     def __len__(self) -> int:
         return 4
@@ -103,7 +105,7 @@ def test_a_character_model_bpc_is_its_loss_in_bits(corpus_dir):
     model.eval()
     total, count = 0.0, 0
     with torch.no_grad():
-        for x, y in zip(ds.x, ds.y, strict=True):
+        for x, y, _ in zip(*ds.__getitems__(list(range(len(ds)))), strict=True):
             for j in (y != -1).nonzero().flatten().tolist():
                 logits = model.model(x[None, : j + 1])[0][0, -1]
                 total -= torch.log_softmax(logits, -1)[y[j]].item()

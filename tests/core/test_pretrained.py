@@ -159,7 +159,7 @@ def test_bpc_of_the_tiny_gpt2_equals_the_sum_done_by_hand(tiny_gpt2, corpus_dir)
     nats, scored = 0.0, 0
     model.eval()
     with torch.no_grad():
-        for x, y in zip(windows.x, windows.y, strict=True):
+        for x, y, _ in zip(*windows.__getitems__(list(range(len(windows)))), strict=True):
             for j in (y != -1).nonzero().flatten().tolist():
                 logits = model.model(input_ids=x[None, : j + 1]).logits[0, -1]
                 nats -= torch.log_softmax(logits.double(), -1)[y[j]].item()
