@@ -7,6 +7,7 @@ Lightning's own callbacks are used where one does the job (``ModelCheckpoint``,
 
 from __future__ import annotations
 
+import shutil
 import signal
 import sys
 import threading
@@ -15,14 +16,15 @@ from pathlib import Path
 
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
 from .checkpoints import lock_run
-from .utils import NonFiniteLossError, UserError, atomic_open
+from .sampling import Sampling
+from .utils import NonFiniteLossError, atomic_open
 
 
 def fitting(trainer) -> bool:
@@ -37,11 +39,12 @@ class SampleWriter(Callback):
     run never leaves a half-written file behind.
 
     Args:
-        path: the text file the samples are written to (replaced on each predict run).
+        path: the text file the samples are written to (replaced on each predict run); by default
+            ``samples.txt`` in the folder of the run sampled (see ``checkpoints.samples_file``).
     """
 
-    def __init__(self, path: str = "lightning_logs/samples.txt") -> None:
-        self.path = Path(path)
+    def __init__(self, path: str | None = None) -> None:
+        self.path = Path(path or "lightning_logs/samples.txt")
         self.samples: list[str] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -64,7 +67,7 @@ class SampleWriter(Callback):
 class TextSample(Callback):
     """After each validation of ``fit``, logs a sample to TensorBoard's Text tab.
 
-    ``pl_module.hparams.sample_tokens`` tokens from a newline, with the same seed each time,
+    ``pl_module.hparams.sample_tokens`` tokens from ``predict``'s default prompt, with the same seed each time,
     so the samples can be compared across steps.
     """
 
@@ -78,11 +81,7 @@ class TextSample(Callback):
         ):
             return
         g = torch.Generator(device=pl_module.device).manual_seed(0)
-        try:
-            first = pl_module.tokenizer.encode("\n")[-1:]  # a line start, where the corpus has lines
-        except UserError:  # a vocabulary without one
-            first = []
-        start = torch.tensor([first or [0]], device=pl_module.device)
+        start = Sampling().encode(pl_module.tokenizer).to(pl_module.device)  # predict's default prompt
         text = pl_module.tokenizer.decode(pl_module.generate(start, tokens, generator=g)[0].tolist())
         # Four leading spaces make TensorBoard's markdown keep the line breaks.
         logger.experiment.add_text("sample", "\n".join("    " + line for line in text.split("\n")), trainer.global_step)
@@ -236,13 +235,15 @@ class InterruptCheckpoint(Callback):
     raises ``KeyboardInterrupt`` wherever Python is, often in the middle of a step, and a checkpoint
     of that state resumes one step short. On SIGTERM Lightning stops at the end of the step, but
     also after the first batch of a validation pass, which a resumed run then skips. So while
-    training runs, both signals are only noted here; at the end of the step, or of the validation
-    pass that follows it, they are handed to Lightning's SIGTERM handler (by every process at the
-    same step), and Lightning stops before the next step, at a point its resume repeats exactly.
-    The checkpoint goes where ``ModelCheckpoint`` keeps ``last.ckpt``, so ``--ckpt_path last``
-    resumes from it. The exit status is 128 + the signal number, as a shell reports a process a
-    signal ended, so ``fit && predict`` and schedulers see that the run did not finish. A second
-    Ctrl-C stops at once, saving nothing; a signal in the last step lets the run finish.
+    training runs, both signals are only noted here. At the end of a training step they are handed
+    to Lightning's SIGTERM handler (by every process at the same step), and Lightning stops before
+    the next step. A validation under way, or about to start, is cut short at its next batch: the
+    checkpoint records it as begun and not finished, which Lightning's resume runs again from its
+    first batch, so a stop takes a batch's time, not a whole pass's. The checkpoint goes where
+    ``ModelCheckpoint`` keeps ``last.ckpt``, so ``--ckpt_path last`` resumes from it. The exit
+    status is 128 + the signal number, as a shell reports a process a signal ended, so ``fit &&
+    predict`` and schedulers see that the run did not finish. A second Ctrl-C stops at once,
+    saving nothing; a signal in the last step lets the run finish.
 
     ``ModelCheckpoint`` writes ``last.ckpt`` at each validation and, at the end, only if it never
     did; when the last step is not a validation step, the final state is written here.
@@ -257,11 +258,12 @@ class InterruptCheckpoint(Callback):
         self.signum: int | None = None
         self.lightning_handler = None  # None until training starts: before that, signals act as usual
         self.saved_step = -1  # the step last.ckpt holds, as far as this run knows
+        self.cut_short = False  # a validation was stopped in the middle
 
     def on_train_start(self, trainer, pl_module) -> None:
         # After Lightning has installed its SIGTERM handler; Lightning puts back the handlers it
         # found then (the defaults) when fit ends, however it ends.
-        self.signum, self.saved_step = None, trainer.global_step
+        self.signum, self.saved_step, self.trainer = None, trainer.global_step, trainer
         if threading.current_thread() is threading.main_thread():
             self.lightning_handler = signal.getsignal(signal.SIGTERM)
             signal.signal(signal.SIGINT, self._on_signal)
@@ -274,19 +276,28 @@ class InterruptCheckpoint(Callback):
             return  # already stopping
         self.signum = signum
         again = " (Ctrl-C again: stop now, no save)" if signum == signal.SIGINT else ""
-        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping after this step and saving last.ckpt{again}\n")
+        when = "now" if self.trainer.validating else "after this step"
+        sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping {when} and saving last.ckpt{again}\n")
+
+    def _signalled(self, trainer) -> bool:
+        # Asked on every process (one may have seen the signal and another not yet), so that all
+        # of them stop at the same point. The last step is finished whatever happens.
+        signalled = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
+        return signalled and not (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
 
     def _stop_if_signalled(self, trainer) -> None:
-        # Asked on every process (one may have seen the signal and another not yet), so that all
-        # of them stop after the same step.
-        signalled = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
-        last_step = trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps
-        if signalled and not last_step and callable(self.lightning_handler):
+        if self._signalled(trainer) and callable(self.lightning_handler):
             self.lightning_handler(signal.SIGTERM, None)  # Lightning raises before the next step
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if not validates_after_this_step(trainer):
-            self._stop_if_signalled(trainer)
+        self._stop_if_signalled(trainer)
+
+    def on_validation_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        if fitting(trainer) and callable(self.lightning_handler) and self._signalled(trainer):
+            # Recorded as Lightning 2.6 records a pass stopped inside a batch: begun, not finished.
+            trainer.fit_loop.epoch_loop.val_loop.batch_progress.increment_started()
+            self.cut_short = True
+            raise SIGTERMException
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if fitting(trainer):
@@ -309,7 +320,8 @@ class InterruptCheckpoint(Callback):
         # point Lightning's resume expects; it is kept rather than written again.
         path = self._save(trainer, pl_module) if self.saved_step != trainer.global_step else self._path(trainer)
         where = f"saved {path}; resume with --ckpt_path last" if path else "nothing saved"
-        sys.stderr.write(f"interrupted by {name} after step {trainer.global_step}: {where}\n")
+        during = " (in its validation, which a resume runs again)" if self.cut_short else ""
+        sys.stderr.write(f"interrupted by {name} after step {trainer.global_step}{during}: {where}\n")
 
     @staticmethod
     def _path(trainer) -> Path | None:
@@ -326,27 +338,6 @@ class InterruptCheckpoint(Callback):
         return path
 
 
-def validates_after_this_step(trainer) -> bool:
-    """Whether Lightning runs a validation pass at the end of the training step now ending.
-
-    Lightning 2.6's own rule (private, in its training epoch loop), restated: validation every
-    ``val_check_interval`` batches, in the whole run or within epochs; on a timer this answers True
-    (a signal then waits for the next validation's end). Lightning's public way to stop,
-    ``trainer.should_stop``, cannot replace it: it forces a validation at the stop, which the run
-    that never stopped does not have. So pyproject.toml pins ``lightning`` to 2.6, and the
-    real-signal tests (tests/e2e/test_interrupts.py) guard this rule.
-    """
-    interval, loop = trainer.val_check_batch, trainer.fit_loop
-    if not trainer.enable_validation:
-        return False
-    if not isinstance(interval, int):
-        return True
-    if trainer.check_val_every_n_epoch is None:
-        return (loop.total_batch_idx + 1) % interval == 0
-    epoch_due = (trainer.current_epoch + 1) % trainer.check_val_every_n_epoch == 0
-    return epoch_due and ((loop.batch_idx + 1) % interval == 0 or loop.epoch_loop.batch_progress.is_last_batch)
-
-
 class RunLock(Callback):
     """Holds an exclusive lock on a training run's folder while ``fit`` writes into it.
 
@@ -355,18 +346,24 @@ class RunLock(Callback):
     operating system's (``flock``): it goes when the process ends, however it ends. A resumed
     run's lock is taken by the CLI, before anything is built, and handed over here.
 
+    A new run interrupted before its first checkpoint (a second Ctrl-C, a signal before training
+    started) leaves nothing: its folder, which holds nothing to resume, is removed, so that
+    ``--ckpt_path last`` goes on with the run before it.
+
     Args:
         handle: the open lock file of a lock already taken, or None to take it at setup.
     """
 
     def __init__(self, handle=None) -> None:
         self.handle = handle
+        self.new_run: Path | None = None  # the folder of a run this process started
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage != "fit":
             return
         log_dir = trainer.log_dir  # on every rank: reading it is a collective call
         if trainer.is_global_zero and log_dir is not None and self.handle is None:
+            self.new_run = None if Path(log_dir).exists() else Path(log_dir)
             self.handle = lock_run(Path(log_dir))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
@@ -376,3 +373,65 @@ class RunLock(Callback):
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
         self.teardown(trainer, pl_module, "fit")
+        run = self.new_run
+        if isinstance(exception, KeyboardInterrupt | SIGTERMException) and run and not any(run.rglob("*.ckpt")):
+            shutil.rmtree(run, ignore_errors=True)
+            sys.stderr.write(f"removed {run}: the run was stopped before its first checkpoint\n")
+
+
+class RunSummary(Callback):
+    """Measures every run at its end, and says what it reached.
+
+    The last step is always validated (and so checkpointed), whatever ``val_check_interval``:
+    Lightning validates the step at which ``trainer.should_stop`` is set. At the end of ``fit``,
+    the lowest val loss (with bits per character), its step and checkpoint, and how to see the
+    curves. The best so far is kept in checkpoints, so a resumed run's summary covers all of it.
+    """
+
+    def __init__(self) -> None:
+        self.best: dict | None = None
+
+    def state_dict(self) -> dict:
+        return {"best": self.best}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.best = state_dict["best"]
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+            trainer.should_stop = True
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/bpc")}
+        if not fitting(trainer) or "val/loss" not in metrics:
+            return
+        if self.best is None or metrics["val/loss"] < self.best["val/loss"]:
+            self.best = {**metrics, "step": trainer.global_step}
+
+    def on_fit_end(self, trainer, pl_module) -> None:
+        if not trainer.is_global_zero or self.best is None:
+            return
+        best = self.best
+        line = f"best val loss {best['val/loss']:.4f}"
+        line += f" ({best['val/bpc']:.3f} bits per character)" if "val/bpc" in best else ""
+        path = trainer.checkpoint_callback.best_model_path if trainer.checkpoint_callback else ""
+        line += f" at step {best['step']}" + (f": {path}" if path else "")
+        if isinstance(trainer.logger, TensorBoardLogger):
+            line += f"\ncurves: tensorboard --logdir {Path(trainer.logger.log_dir).parent}"
+        sys.stderr.write(line + "\n")
+
+
+class StepProgressBar(TQDMProgressBar):
+    """Lightning's progress bar, counting the run's steps out of ``max_steps``: a resumed run starts
+    where it stopped, with its total and time left, and there is no "Epoch 0" (an epoch here is only
+    the sampler's length)."""
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        super().on_train_epoch_start(trainer)
+        bar = self.train_progress_bar
+        bar.total = trainer.max_steps if trainer.max_steps > 0 else None
+        bar.initial = bar.n = trainer.global_step
+        bar.set_description("Training")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
+        super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)

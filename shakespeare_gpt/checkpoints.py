@@ -14,12 +14,13 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
+from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.utilities import rank_zero_only
 
 from .lightning_module import LanguageModel, ShakespeareGPT
 from .pretrained import PretrainedLM
-from .utils import UserError, lock
+from .utils import UserError, atomic_open, lock
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
 RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code", "pretrained")  # pretrained: where, not what
@@ -59,6 +60,15 @@ def resolve(config: Namespace, subcommand: str):
     return run
 
 
+def samples_file(ckpt_path: str | None) -> Path:
+    """Where ``predict`` writes the samples of ``ckpt_path``: its run's folder, or beside a checkpoint
+    that is in none (without a checkpoint, lightning_logs/)."""
+    if not ckpt_path:
+        return Path("lightning_logs", "samples.txt")
+    ckpt = Path(ckpt_path)
+    return ckpt.parents[1] / "samples.txt" if ckpt.parent.name == "checkpoints" else ckpt.with_suffix(".samples.txt")
+
+
 def runs_in(root: Path) -> list[Path]:
     """The ``version_N`` run folders under ``root``, oldest first."""
     runs = [p for p in root.glob("version_*") if p.is_dir() and p.name.removeprefix("version_").isdigit()]
@@ -66,24 +76,38 @@ def runs_in(root: Path) -> list[Path]:
 
 
 def best_checkpoint(folder: Path) -> Path:
-    """The checkpoint with the lowest val loss among the runs under ``folder``.
+    """The checkpoint with the lowest val loss of the newest run under ``folder`` that has one.
 
     ``folder`` is a run (it holds ``checkpoints/``) or a folder of runs (``version_N``). Without
-    any ``best-*.ckpt`` (runs stopped before their first validation), the newest ``last.ckpt``.
+    any ``best-*.ckpt`` (runs stopped before their first validation), the run's ``last.ckpt``.
+    A file that cannot be read is passed over, with a line that says so.
     """
-
-    def val_loss(p: Path) -> float:
-        m = re.search(r"val(\d+\.\d+)", p.stem)  # our own file name: best-step{step}-val{val/loss:.4f}
-        return float(m.group(1)) if m else float("inf")
-
     runs = [folder] if (folder / "checkpoints").is_dir() else runs_in(folder)
     if not runs:
         raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {HINT}")
-    if best := sorted((p for run in runs for p in (run / "checkpoints").glob("best-*.ckpt")), key=val_loss):
-        return best[0]
-    if last := [run / "checkpoints" / LAST for run in runs if (run / "checkpoints" / LAST).is_file()]:
-        return last[-1]
-    raise UserError(f"--ckpt_path {folder}: no run here has a checkpoint yet; {HINT}")
+    for run in reversed(runs):
+        best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: number(p, "val", float("inf")))
+        if found := readable([*best, run / "checkpoints" / LAST]):
+            return found
+    raise UserError(f"--ckpt_path {folder}: no run here has a checkpoint that can be read; {HINT}")
+
+
+def number(path: Path, key: str, missing: float) -> float:
+    """The number after ``key`` in a checkpoint's name (ours: best-step{step}-val{val/loss:.4f}), or ``missing``."""
+    m = re.search(rf"{key}(\d+(\.\d+)?)", path.stem)
+    return float(m.group(1)) if m else missing
+
+
+def readable(paths: list[Path]) -> Path | None:
+    """The first of ``paths`` that is a readable checkpoint; a file that is not is named on stderr and passed over."""
+    for path in paths:
+        if path.is_file():
+            try:
+                read_checkpoint(path)
+                return path
+            except UserError:
+                print(f"passed over {path}: it cannot be read (truncated or corrupt)", file=sys.stderr)
+    return None
 
 
 def read_checkpoint(path: str | Path) -> dict:
@@ -101,6 +125,26 @@ def read_checkpoint(path: str | Path) -> dict:
     if "state_dict" not in ckpt or not ("vocab" in hparams or "pretrained" in hparams):
         raise UserError(f"{path} is not a shakespeare-gpt checkpoint (no weights, vocabulary or model name); {HINT}")
     return ckpt
+
+
+class AtomicCheckpointIO(TorchCheckpointIO):
+    """Lightning's checkpoint writer, with each file written beside its place and renamed there.
+
+    A checkpoint is then whole or absent, and one that cannot be written (a full disk) is one
+    line that names the folder, with the checkpoints already there intact. Lightning's own writes
+    to a temporary file in the system's temporary folder and copies it over, which leaves a
+    truncated checkpoint when the disk fills.
+    """
+
+    def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        try:
+            with atomic_open(Path(path), "wb") as f:
+                torch.save(checkpoint, f)
+        except OSError as e:
+            raise UserError(
+                f"cannot write a checkpoint in {Path(path).parent} ({e.strerror or e}): the checkpoints already "
+                "there are intact; free some space, then resume with --ckpt_path last"
+            ) from None
 
 
 def lock_run(run: Path, create: bool = True):
@@ -141,12 +185,14 @@ def resume(config: Namespace) -> tuple[Path, Path | None]:
 
 
 def _last_checkpoint(folder: Path, run: Path) -> Path:
-    if not (folder / LAST).is_file():
+    """``last.ckpt`` in ``folder``; should it not be readable, the run's newest other checkpoint."""
+    others = sorted(folder.glob("*.ckpt"), key=lambda p: number(p, "step", -1), reverse=True)
+    if not (path := readable([folder / LAST, *others])):
         raise UserError(
-            f"nothing to resume: the newest run {run} has no last.ckpt (it stopped before its first checkpoint); "
+            f"nothing to resume: the newest run {run} has no checkpoint (it stopped before its first one); "
             "start a new run without --ckpt_path, or give an older run's checkpoint as --ckpt_path <path>"
         )
-    return folder / LAST
+    return path
 
 
 @functools.cache  # a parser per class: check_matches asks twice, for the asked class and the saved one

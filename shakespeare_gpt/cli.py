@@ -15,6 +15,7 @@ import torch
 import yaml
 from jsonargparse import ArgumentError, Namespace
 from jsonargparse.typing import PositiveInt
+from lightning.fabric.plugins import CheckpointIO
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_only
@@ -25,17 +26,19 @@ from .callbacks import (
     InterruptCheckpoint,
     RandomState,
     RunLock,
+    RunSummary,
     SampleWriter,
+    StepProgressBar,
     StopOnNonFiniteLoss,
     TextSample,
     Throughput,
 )
-from .data import ShakespeareDataModule
+from .data import ShakespeareDataModule, corpus_memory
 from .hardware import default_precision, default_threads, host_memory
 from .lightning_module import CharModelSettings, LanguageModel, Recipe
 from .pretrained import PretrainedLM  # noqa: F401 (known to --model by its short name)
 from .sampling import Sampling
-from .utils import UserError, check_writable, exit_with
+from .utils import UserError, atomic_open, check_writable, exit_with
 
 PROG = "shakespeare-gpt"
 DESCRIPTION = (
@@ -49,11 +52,16 @@ REFUSED = (UserError, ArgumentError, MisconfigurationException)
 
 
 class FitConfigSaver(SaveConfigCallback):
-    """Saves the resolved config next to a training run's logs; sampling runs leave no file."""
+    """Saves the resolved config next to a training run's logs, whole or not at all; sampling runs leave no file."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         if stage == "fit":
+            self.log_dir = trainer.log_dir  # on every rank: reading it is a collective call
             super().setup(trainer, pl_module, stage)
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:  # rank zero's, with save_to_log_dir off
+        with atomic_open(Path(self.log_dir) / self.config_filename) as f:
+            f.write(self.parser.dump(self.config, skip_none=False))
 
 
 class ShakespeareCLI(LightningCLI):
@@ -98,6 +106,9 @@ class ShakespeareCLI(LightningCLI):
         self.runtime_settings = {k: config.model.init_args.get(k) for k in checkpoints.RUNTIME_SETTINGS}
         check_run(config, subcommand)
         self.resumed_run = checkpoints.resolve(config, subcommand) if subcommand and config.get("ckpt_path") else None
+        if subcommand == "predict":  # samples go beside the checkpoint's run, unless told where
+            config.writer.path = config.writer.path or str(checkpoints.samples_file(config.get("ckpt_path")))
+            check_writable(Path(config.writer.path), "--writer.path", folder=False)
 
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config
@@ -107,18 +118,21 @@ class ShakespeareCLI(LightningCLI):
                 model[key] = value
         if "trust_remote_code" in model:  # only ever from this command line or config, never from a checkpoint
             model.trust_remote_code = bool(self.runtime_settings["trust_remote_code"])
-        if config.trainer.get("enable_progress_bar") is False and config.trainer.get("callbacks"):
+        given = config.trainer.get("callbacks") or []
+        given = given if isinstance(given, list) else [given]
+        bar = any(str(c.get("class_path")).endswith("ProgressBar") for c in given)
+        if config.trainer.get("enable_progress_bar") is False and bar:
             # --trainer.enable_progress_bar false wins over a config's bar (Lightning refuses the two together).
-            callbacks = config.trainer.callbacks
-            callbacks = callbacks if isinstance(callbacks, list) else [callbacks]
-            config.trainer.callbacks = [c for c in callbacks if not str(c.get("class_path")).endswith("ProgressBar")]
+            config.trainer.callbacks = [c for c in given if not str(c.get("class_path")).endswith("ProgressBar")]
         check_memory(config, self.subcommand)
         self.choices = choose_precision_and_threads(config, self.subcommand)  # said once every check passed
         if self.subcommand in ("validate", "test", "predict"):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
             config.trainer.logger = False
-        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock()]
+        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock(), RunSummary()]
+        if not bar and config.trainer.get("enable_progress_bar") is not False:
+            callbacks.append(StepProgressBar())
         if config.trainer.get("logger") not in (False, None):  # the learning-rate curve and samples need a logger
             callbacks += [LearningRateMonitor(logging_interval="step"), TextSample()]
         self.trainer_defaults["callbacks"] = callbacks
@@ -133,6 +147,11 @@ class ShakespeareCLI(LightningCLI):
             raise cause or e from None
 
     def instantiate_trainer(self, **kwargs):
+        config = self.config_init[self.subcommand] if self.subcommand else self.config_init
+        plugins = config.trainer.get("plugins") or []
+        plugins = plugins if isinstance(plugins, list) else [plugins]
+        if not any(isinstance(p, CheckpointIO) for p in plugins):  # checkpoints whole or absent, unless told otherwise
+            kwargs["plugins"] = [*plugins, checkpoints.AtomicCheckpointIO()]
         try:
             return super().instantiate_trainer(**kwargs)
         except (TypeError, ValueError) as e:  # Lightning's refusals of --trainer values (devices, strategy, ...)
@@ -156,7 +175,9 @@ class ShakespeareCLI(LightningCLI):
             rank_zero_info(line)
 
     def before_predict(self) -> None:
-        self.datamodule.sampling = self.config_init.predict.sample  # the --sample.* settings
+        sampling = self.config_init.predict.sample  # the --sample.* settings, all checked before anything is drawn
+        sampling.check(self.model.tokenizer)
+        self.datamodule.sampling = sampling
 
 
 def check_run(config: Namespace, subcommand: str | None) -> None:
@@ -168,8 +189,6 @@ def check_run(config: Namespace, subcommand: str | None) -> None:
             raise UserError(f"--trainer.{flag} 0: give a number of training steps >= 1")
     recipe = Recipe(**{f.name: model[f.name] for f in dataclasses.fields(Recipe) if f.name in model})
     recipe.decay_steps_of(trainer.get("max_steps"))  # a cosine schedule needs an end
-    if subcommand == "predict":
-        check_writable(Path(config.writer.path), "--writer.path", folder=False)
     if subcommand not in ("fit", None):  # only fit writes logs and checkpoints
         return
     logger, dirpath = config.trainer.get("logger"), config.get("checkpoint", Namespace()).get("dirpath")
@@ -230,23 +249,30 @@ def choose_precision_and_threads(config: Namespace, subcommand: str | None) -> l
 
 
 def check_memory(config: Namespace, subcommand: str | None) -> None:
-    """Refuse, before anything is allocated, a character model and batch that cannot fit in memory."""
+    """Refuse, before anything is allocated, a character model, batches and corpus that cannot fit in memory."""
     if checkpoints.class_name(config.model.class_path) != checkpoints.class_name(checkpoints.CHAR_MODEL):
         return  # the estimate knows this project's GPT only
     args = {k: v for k, v in config.model.init_args.items() if k not in ("vocab", "sample_tokens", "compile")}
     arch = CharModelSettings(**args)  # vocab_size stays at its default (65): a stand-in that changes little
     flag = {"validate": "val_batch_size", "test": "val_batch_size", "predict": "num_samples"}.get(subcommand)
-    batch = config.sample.num_samples if flag == "num_samples" else config.data.get(flag or "batch_size")
-    batch = batch or config.data.batch_size
+    if flag == "num_samples":
+        batch = min(config.sample.num_samples, config.sample.batch_size)
+    else:
+        batch = config.data.get(flag or "batch_size") or config.data.batch_size
     cuda = run_device(config) == "cuda"
     have = torch.cuda.get_device_properties(0).total_memory if cuda else host_memory()
     need = arch.memory_bytes(batch, training=subcommand in ("fit", None))
+    if subcommand in ("fit", None):  # each validation's batches, beside the training state
+        val_batch = config.data.get("val_batch_size") or config.data.batch_size
+        need += arch.memory_bytes(val_batch, training=False) - arch.memory_bytes(0, training=False)
+    if subcommand != "predict" and cuda == bool(config.data.get("on_device")):  # the corpus, where it is kept
+        need += corpus_memory(config.data.corpus, config.data.get("on_device"))
     if need > have:
         where = "--sample" if flag == "num_samples" else "--data"
         raise UserError(
             f"--model.block_size {arch.block_size} with {where}.{flag or 'batch_size'} {batch} needs at least "
             f"{need / 2**30:.0f} GiB, more than the {have / 2**30:.0f} GiB {'this GPU' if cuda else 'this machine'} "
-            "has: choose a smaller batch or --model.block_size"
+            "has (the corpus and validation counted): choose a smaller batch or --model.block_size"
         )
 
 
@@ -267,7 +293,7 @@ def build(args: list[str] | dict | None = None, run: bool = False, save_config: 
         parser_kwargs={"prog": PROG, "description": DESCRIPTION, **strict, **subcommands},
         seed_everything_default=1337,
         save_config_callback=FitConfigSaver if save_config else None,
-        save_config_kwargs={"overwrite": True},
+        save_config_kwargs={"overwrite": True, "save_to_log_dir": False},  # FitConfigSaver writes it
         auto_configure_optimizers=False,
         trainer_defaults={
             "check_val_every_n_epoch": None,

@@ -169,11 +169,16 @@ class LanguageModel(L.LightningModule):
         self.log_dict(self.eval_metrics("val", "test"))
 
     def predict_step(self, batch: Sampling | None, batch_idx: int) -> list[str]:
-        """Samples drawn as ``batch``, the ``--sample.*`` settings, asks (None: the defaults)."""
+        """Samples drawn as ``batch``, the ``--sample.*`` settings for this batch of them, asks (None: the defaults).
+
+        One random generator, seeded at the first batch, draws every batch: the first samples of a
+        run are the same whatever ``num_samples``.
+        """
         batch = batch or Sampling()
+        if batch_idx == 0:
+            self.sample_generator = torch.Generator(device=self.device).manual_seed(batch.seed)
         idx = batch.encode(self.tokenizer).to(self.device)
-        g = torch.Generator(device=self.device).manual_seed(batch.seed)
-        out = self.generate(idx, batch.max_new_tokens, batch.temperature, batch.top_k, g)
+        out = self.generate(idx, batch.max_new_tokens, batch.temperature, batch.top_k, self.sample_generator)
         return [self.tokenizer.decode(row) for row in out.tolist()]
 
     def configure_optimizers(self):

@@ -10,11 +10,10 @@ from functools import partial
 
 import torch
 import torch.nn as nn
-from jsonargparse.typing import NonNegativeInt, PositiveFloat, PositiveInt
 from torch.nn import functional as F
 
 from .model import GPT
-from .utils import Text, UserError
+from .utils import UserError
 
 
 @dataclass
@@ -23,27 +22,53 @@ class Sampling:
 
     Attributes:
         prompt: text that every sample starts from; for the character model, only characters of its vocabulary.
-        num_samples: how many samples to draw, as one batch.
+            Default: a newline, or the vocabulary's first token where it has no newline.
+        num_samples: how many samples to draw, in batches of up to ``batch_size``.
         max_new_tokens: tokens generated after the prompt (characters, for the character model).
         temperature: > 0; below 1 is more conservative, above 1 more random.
-        top_k: sample among the k most likely tokens only (1 is greedy); null for all.
+        top_k: sample among the k most likely tokens only (1 is greedy); null, or more than the vocabulary, for all.
         seed: seed of the sampling random generator, so a predict run can be repeated exactly.
+        batch_size: samples drawn at once; each batch is printed when it is done.
     """
 
-    prompt: Text = "\n"
-    num_samples: PositiveInt = 1
-    max_new_tokens: NonNegativeInt = 500
-    temperature: PositiveFloat = 1.0
-    top_k: PositiveInt | None = None
+    prompt: str | None = None
+    num_samples: int = 1
+    max_new_tokens: int = 500
+    temperature: float = 1.0
+    top_k: int | None = None
     seed: int = 1337
+    batch_size: int = 64
 
-    def encode(self, tokenizer) -> torch.Tensor:
-        """(num_samples, T): the prompt encoded by ``tokenizer``, once per sample."""
-        try:
-            prompt = torch.tensor(tokenizer.encode(self.prompt), dtype=torch.long)
-        except UserError as e:
-            raise UserError(f"--sample.prompt {self.prompt!r}: {e}") from None
-        return prompt.repeat(self.num_samples, 1)
+    def check(self, tokenizer) -> None:
+        """Refuse, in one line that names them all, the settings that cannot be sampled with ``tokenizer``."""
+        rules = {
+            "prompt": (self.prompt != "", "give some text, or leave it out for the default"),
+            "num_samples": (self.num_samples >= 1, "give 1 or more"),
+            "max_new_tokens": (self.max_new_tokens >= 0, "give 0 or more"),
+            "temperature": (self.temperature > 0, "give a number above 0"),
+            "top_k": (self.top_k is None or self.top_k >= 1, "give 1 or more, or null for all"),
+            "batch_size": (self.batch_size >= 1, "give 1 or more"),
+        }
+        problems = [f"--sample.{name} {getattr(self, name)!r}: {fix}" for name, (ok, fix) in rules.items() if not ok]
+        if self.prompt:
+            try:
+                tokenizer.encode(self.prompt)
+            except UserError as e:
+                problems.append(f"--sample.prompt {self.prompt!r}: {e}")
+        if problems:
+            raise UserError("; ".join(problems))
+
+    def encode(self, tokenizer, n: int | None = None) -> torch.Tensor:
+        """(n, T): the prompt encoded by ``tokenizer``, once per sample (``n``: ``num_samples``)."""
+        if self.prompt is not None:
+            self.check(tokenizer)
+            ids = tokenizer.encode(self.prompt)
+        else:  # a line start where the text has lines
+            try:
+                ids = tokenizer.encode("\n")[-1:]
+            except UserError:
+                ids = [0]
+        return torch.tensor(ids, dtype=torch.long).repeat(n or self.num_samples, 1)
 
 
 def window_start(length: int, block_size: int) -> int:

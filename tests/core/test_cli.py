@@ -55,12 +55,12 @@ def test_predict_from_checkpoint_with_no_data_on_disk(trained, tmp_path, monkeyp
             f"--ckpt_path={ckpt}",
             "--sample.prompt=First",
             "--sample.num_samples=2",
-            "--sample.max_new_tokens=30",
-            "--sample.top_k=10",  # the tiny corpus has fewer characters than the config's top_k
+            "--sample.max_new_tokens=30",  # and the config's top_k 40: more than the tiny corpus's characters, so all
         ]
     )
     out = capsys.readouterr().out
-    samples = (elsewhere / "lightning_logs" / "samples.txt").read_text()
+    samples = (trained / "samples.txt").read_text()  # beside the run sampled
+    assert not (elsewhere / "lightning_logs").exists()
     assert out.count("----- sample") == 2 and samples.count("----- sample") == 2
     for line in ("----- sample 1 -----\nFirst", "----- sample 2 -----\nFirst"):
         assert line in out and line in samples
@@ -74,7 +74,7 @@ def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatc
 
     def sample(*args: str) -> str:
         cli_main([*common, "--sample.prompt=All:", "--sample.max_new_tokens=25", *args])
-        text = (tmp_path / "lightning_logs" / "samples.txt").read_text()
+        text = (trained / "samples.txt").read_text()  # beside the checkpoint's run
         return text.removeprefix("----- sample 1 -----\n").removesuffix("\n")
 
     greedy = [sample("--sample.top_k=1", f"--sample.seed={seed}") for seed in (1, 2)]

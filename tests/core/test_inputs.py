@@ -231,12 +231,16 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
             r"--writer.path /proc/samples.txt: cannot write in /proc",
             marks=pytest.mark.skipif(not Path("/proc/self").is_dir(), reason="needs Linux's /proc"),
         ),
-        (["--sample.temperature=0"], typed("sample.temperature", "PositiveFloat: 0")),
-        (["--sample.top_k=0"], r'"sample.top_k".* Not of type PositiveInt'),
-        (["--sample.num_samples=0"], typed("sample.num_samples", "PositiveInt: 0")),
-        (["--sample.max_new_tokens=-1"], typed("sample.max_new_tokens", "NonNegativeInt: -1")),
-        (["--sample.prompt="], typed("sample.prompt", "Text")),
+        (["--sample.temperature=0"], r"--sample.temperature 0.0: give a number above 0$"),
+        (["--sample.top_k=0"], r"--sample.top_k 0: give 1 or more, or null for all$"),
+        (["--sample.num_samples=0"], r"--sample.num_samples 0: give 1 or more$"),
+        (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give 0 or more$"),
+        (["--sample.prompt="], r"--sample.prompt '': give some text"),
         (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
+        (
+            ["--sample.prompt=Zebra", "--sample.top_k=0", "--sample.temperature=-1"],
+            r"temperature -1.0: give a .*; --sample.top_k 0: give 1 .*; --sample.prompt 'Zebra': characters not in",
+        ),
     ],
     ids=[
         "writer under a file",
@@ -248,6 +252,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
         "tokens",
         "empty",
         "chars",
+        "all at once",
     ],
 )
 def test_bad_predict_values_print_no_sample_and_write_nothing(extra, message, checkpoint, folder, capsys):

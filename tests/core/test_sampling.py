@@ -5,7 +5,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from jsonargparse import ArgumentError, ArgumentParser
+from jsonargparse import ArgumentParser
 
 from shakespeare_gpt.model import GPT, GPTConfig
 from shakespeare_gpt.sampling import Sampling, generate
@@ -33,15 +33,22 @@ def test_the_prompt_is_encoded_once_per_sample_and_unknown_characters_are_named(
         Sampling(prompt="ROMEO@#").encode(CharTokenizer(VOCAB))
 
 
-@pytest.mark.parametrize(
-    "flag,value",
-    [("prompt", ""), ("num_samples", "0"), ("max_new_tokens", "-1"), ("temperature", "0"), ("top_k", "0")],
-)
-def test_the_settings_types_refuse_values_that_cannot_sample(flag, value):
-    parser = ArgumentParser(exit_on_error=False)
-    parser.add_class_arguments(Sampling, "sample")
-    with pytest.raises(ArgumentError, match=f"sample.{flag}"):
-        parser.parse_args([f"--sample.{flag}={value}"])
+def test_every_setting_that_cannot_sample_is_named_at_once():
+    bad = Sampling(prompt="Zebra@#", num_samples=0, max_new_tokens=-1, temperature=0.0, top_k=0, batch_size=0)
+    with pytest.raises(UserError) as e:
+        bad.check(CharTokenizer(VOCAB))
+    flags = ("num_samples 0", "max_new_tokens -1", "temperature 0.0", "top_k 0", "batch_size 0", "prompt 'Zebra@#'")
+    for flag in flags:
+        assert f"--sample.{flag}: " in str(e.value)
+    assert "'#@'" in str(e.value) and "\n" not in str(e.value)  # the unknown characters, on one line
+    with pytest.raises(UserError, match=r"--sample.prompt '': give some text"):
+        Sampling(prompt="").check(CharTokenizer(VOCAB))
+    Sampling(top_k=10**6).check(CharTokenizer(VOCAB))  # more than the vocabulary: all of it
+
+
+def test_the_default_prompt_is_a_newline_or_the_vocabulary_s_first_character():
+    assert Sampling().encode(CharTokenizer("\nab")).tolist() == [[0]]
+    assert Sampling(num_samples=2).encode(CharTokenizer("xyz")).tolist() == [[0], [0]]  # a text without lines
 
 
 @settings(max_examples=30, deadline=None)
