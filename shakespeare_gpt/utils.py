@@ -8,6 +8,7 @@ import dataclasses
 import logging
 import math
 import os
+import shutil
 import socket
 import subprocess
 import sys
@@ -96,9 +97,12 @@ def atomic_open(path: Path, mode: str = "w", **kwargs) -> Iterator[IO]:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
+    if path.exists():
+        shutil.copymode(path, tmp)  # a file replaced keeps its permissions
+    else:
+        umask = os.umask(0)
+        os.umask(umask)
+        os.fchmod(fd, 0o666 & ~umask)  # as open() would create it (mkstemp makes it private to its owner)
     try:
         with os.fdopen(fd, mode, **({"encoding": "utf-8"} if "b" not in mode else {}) | kwargs) as f:
             yield f

@@ -8,7 +8,7 @@ import pytest
 from shakespeare_gpt.utils import UserError, atomic_open, lock
 
 
-def test_an_atomic_file_appears_only_when_complete_with_the_usual_permissions(tmp_path):
+def test_an_atomic_file_appears_only_when_complete_with_the_usual_permissions_or_the_replaced_files(tmp_path):
     path = tmp_path / "sub" / "out.txt"
     with pytest.raises(RuntimeError), atomic_open(path) as f:
         f.write("half")
@@ -20,6 +20,10 @@ def test_an_atomic_file_appears_only_when_complete_with_the_usual_permissions(tm
     umask = os.umask(0)
     os.umask(umask)
     assert path.stat().st_mode & 0o777 == 0o666 & ~umask  # as open() makes it, not mkstemp's 0600
+    path.chmod(0o604)  # a mode no usual umask gives
+    with atomic_open(path) as f:
+        f.write("again")
+    assert path.read_text() == "again" and path.stat().st_mode & 0o777 == 0o604  # a file replaced keeps its mode
 
 
 def test_a_held_lock_refuses_a_second_holder_naming_the_first_and_asking_changes_nothing(tmp_path):

@@ -3,10 +3,10 @@
 Every line of a ``bash`` block in the README must be one of the commands handled here, and each
 is run in order, in one scratch folder, as a user would type it, with only these additions to
 stay fast: training commands get a tiny model and a few steps (``SMALL``), ``make demo`` gets
-them through its ``FIT_ARGS`` and uses the installed environment, the study runs two variants at
-one learning rate and seed for a few steps, and TensorBoard is started on the logs and asked what
-it serves. ``make test``, ``pytest`` and ``pytest -m slow`` are what CI runs (``.ci/run``), so they
-are checked to be there, not run.
+them through its ``FIT_ARGS`` and uses the installed environment, the study tour runs a few steps
+a run (and must write nothing outside its scratch folders, then, run again, nothing at all), and
+TensorBoard is started on the logs and asked what it serves. ``make test``, ``pytest`` and
+``pytest -m slow`` are what CI runs (``.ci/run``), so they are checked to be there, not run.
 """
 
 from __future__ import annotations
@@ -62,17 +62,21 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def small_study(folder: Path) -> None:
-    """configs/ablations/seed_study.yaml cut to two variants, one learning rate, one seed, four steps, one round."""
-    path = folder / "configs" / "ablations" / "seed_study.yaml"
+def short_tour(folder: Path) -> None:
+    """configs/ablations/tour.yaml with four steps a run."""
+    path = folder / "configs" / "ablations" / "tour.yaml"
     study = yaml.safe_load(path.read_text())
-    study["variants"] = {"baseline": [], "no_ffwd": ["no_ffwd.yaml"]}
-    study["learning_rates"], study["seeds"] = [1.0e-3], [0]
     study["args"] = ["--trainer.max_steps=4", "--trainer.val_check_interval=2"]
-    study["extend_grid"], study["max_seeds"], study["also"] = 0, 1, []  # one round
-    kept = set(study["variants"])
-    study["claims"] = [c for c in study["claims"] if set(c.get("compare", [])) <= kept and "all" not in c]
     path.write_text(yaml.safe_dump(study))
+
+
+def files_outside(folder: Path, scratch: list[Path]) -> dict[Path, tuple]:
+    """Every file under ``folder`` but those under ``scratch``, with its bytes, mode and mtime."""
+    return {
+        p: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns)
+        for p in folder.rglob("*")
+        if p.is_file() and not any(p.is_relative_to(s) for s in scratch)
+    }
 
 
 def check_tensorboard(folder: Path, logdir: str) -> None:
@@ -121,9 +125,10 @@ def test_every_readme_command_runs_as_written(tmp_path):
     folder.mkdir()
     for name in ("Makefile", "pyproject.toml"):
         shutil.copy(ROOT / name, folder / name)
-    shutil.copytree(ROOT / "configs", folder / "configs")
+    for name in ("configs", "reports"):
+        shutil.copytree(ROOT / name, folder / name)
     (folder / "my_text.txt").write_text(TINY_TEXT)  # the tour's "text of your own"
-    small_study(folder)
+    short_tour(folder)
     handled = []
     for line in commands:
         words = shlex.split(line)
@@ -162,10 +167,19 @@ def test_every_readme_command_runs_as_written(tmp_path):
             report = (folder / words[words.index("--out") + 1]).read_text()
             assert "| CPU recipe | ShakespeareGPT |" in report and "| tiny GPT-2 | PretrainedLM |" in report
         elif words[:3] == ["python", "-m", "shakespeare_gpt.tools.ablate"]:
+            report = folder / words[words.index("--report") + 1]
+            scratch = [folder / "lightning_logs" / "ablations" / "tour", report]  # --logs's default, --report
+            before = files_outside(folder, scratch)
             run([sys.executable, *words[1:]], folder)
-            report = (folder / "reports" / "seed_study_2" / "README.md").read_text()
-            assert "| 4 | Adding the feed-forward layer improves performance. | **inconclusive** |" in report
-            assert (folder / "reports" / "seed_study_2" / "results.csv").read_text().count("\n") == 3
+            assert files_outside(folder, scratch) == before  # reports/ and the rest as they were: git sees no change
+            text = (report / "README.md").read_text()
+            assert "| 4 | Adding the feed-forward layer improves performance. | **" in text
+            assert f"`{line} --report-only` writes this report again" in text
+            assert (report / "results.csv").read_text().count("\n") == 7  # 3 variants x 2 seeds
+            before = files_outside(folder, [])
+            out = run([sys.executable, *words[1:]], folder)
+            assert "tour: every run is done already, so nothing is run or written" in out.stdout
+            assert files_outside(folder, []) == before
         else:
             pytest.fail(f"the README's command {line!r} is not run by this test: add it here")
         handled.append(line)

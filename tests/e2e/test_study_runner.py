@@ -17,12 +17,10 @@ from shakespeare_gpt.cli import cli_main, refusal
 from shakespeare_gpt.tools.ablate.__main__ import main
 from shakespeare_gpt.tools.ablate.study import Run, Study
 
+from ..tools.test_study import ABLATIONS, VARIANT_FILES
+
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
-ABLATIONS = ROOT / "configs" / "ablations"
-VARIANT_FILES = sorted(
-    p for p in ABLATIONS.glob("*.yaml") if p.name not in ("seed_scale.yaml", "seed_study.yaml", "full_scale_study.yaml")
-)
 
 
 @pytest.mark.parametrize("variant", VARIANT_FILES, ids=lambda p: p.stem)

@@ -1,9 +1,17 @@
 """The report: each verdict with the numbers behind it, the rounds, an unfinished study said as such, the
 studies under ``also``, and the plots (from synthetic results: no training)."""
 
-from shakespeare_gpt.tools.ablate.report import write_report
+import warnings
+
+import matplotlib.pyplot as plt
+import numpy as np
+import pytest
+from matplotlib.colors import to_rgb
+
+from shakespeare_gpt.tools.ablate.report import plot, write_report
 from shakespeare_gpt.tools.ablate.runner import write_csv
 from shakespeare_gpt.tools.ablate.study import Run
+from shakespeare_gpt.tools.ablate.verdicts import aggregate
 
 from .test_verdicts import FLAT, MIDDLE, grid, results, shifted, study
 
@@ -22,6 +30,17 @@ def test_the_report_shows_each_verdict_with_its_numbers_and_the_plots(tmp_path):
     assert "## Rounds" not in text and "| a | 0.001 *edge* | 3 | 1.9000 +- 0.0050 |" in text
     for png in ("val_vs_lr.png", "best_val.png", "gap.png"):
         assert (tmp_path / "report" / png).stat().st_size > 1000 and f"]({png})" in text
+
+
+@pytest.mark.parametrize("variants", [("a",), ("baseline", "a"), ("baseline", "a", "b")])
+def test_a_study_at_one_learning_rate_is_plotted_as_a_point_per_panel_without_warnings(variants, tmp_path):
+    table = aggregate(results({(v, 1e-3): [2.0 + i / 10, 2.01 + i / 10] for i, v in enumerate(variants)}))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        plot(table, tmp_path)
+    image = plt.imread(tmp_path / "val_vs_lr.png")[..., :3]
+    marker = np.isclose(image, to_rgb("C0"), atol=0.1).all(axis=-1)  # the colour of each variant's points
+    assert [panel.any() for panel in np.array_split(marker, 4, axis=1)] == [i < len(variants) for i in range(4)]
 
 
 def test_an_unfinished_study_says_so_and_lists_the_rounds(tmp_path):

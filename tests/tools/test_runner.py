@@ -13,6 +13,7 @@ from shakespeare_gpt.tools.ablate.runner import (
     earlier_runs,
     execute,
     finished_rows,
+    nothing_to_run,
     plan,
     read_csv,
     run_study,
@@ -161,6 +162,26 @@ def test_stale_rows_leave_the_csv_for_its_stale_file_and_a_moved_config_is_not_s
     stale = (tmp_path / "results.csv.stale").read_text().splitlines()
     assert len(stale) == 10 and stale[1].startswith("b,0.001,0,")
     assert {r["variant"] for r in read_csv(path, changed)} == {"a"}
+
+
+def test_nothing_to_run_only_when_the_csv_holds_every_run_and_no_other(tmp_path):
+    s = study(tmp_path, [])
+    rows = results(grid(FLAT, FLAT))
+    for r in rows:
+        r["settings"] = s.settings(Run(r["variant"], r["lr"], r["seed"]))
+    path, logs = tmp_path / "results.csv", tmp_path / "logs"
+    write_csv(rows, path)
+    assert nothing_to_run(s, logs, path)
+    write_csv(rows[1:], path)
+    assert not nothing_to_run(s, logs, path)  # a run to do
+    first = Run(rows[0]["variant"], rows[0]["lr"], rows[0]["seed"]).folder(logs) / "result.json"
+    first.parent.mkdir(parents=True)
+    first.write_text(json.dumps(rows[0]))
+    assert not nothing_to_run(s, logs, path)  # none to do, but a finished run the CSV lacks
+    write_csv(rows, path)
+    assert nothing_to_run(s, logs, path)
+    (tmp_path / "base.yaml").write_text("model:\n  n_layer: 2\n")
+    assert not nothing_to_run(s, logs, path)  # stale rows
 
 
 # --- run_study on an engine of the test's own ---

@@ -14,7 +14,7 @@ from shakespeare_gpt.utils import UserError
 
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ROOT / "configs" / "ablations"
-STUDY_FILES = ("seed_scale.yaml", "seed_study.yaml", "full_scale_study.yaml")
+STUDY_FILES = ("seed_scale.yaml", "seed_study.yaml", "full_scale_study.yaml", "tour.yaml")
 VARIANT_FILES = sorted(p for p in ABLATIONS.glob("*.yaml") if p.name not in STUDY_FILES)
 
 GOOD_STUDY = """\
@@ -162,6 +162,15 @@ def test_the_seed_study_file_names_every_variant_config():
     full = Study.load(ABLATIONS / "full_scale_study.yaml")
     assert set(full.variants) == {"baseline", "post_norm", "tied_embeddings"} and len(full.seeds) >= 3
     assert {c.id for c in full.claims} == {"10", "11"} and study.also == [ABLATIONS / "full_scale_study.yaml"]
+
+
+def test_the_tour_is_a_short_study_of_the_seed_studys_variants_and_claims():
+    tour, seed = Study.load(ABLATIONS / "tour.yaml"), Study.load(ABLATIONS / "seed_study.yaml")
+    assert tour.base == seed.base and {v: seed.variants[v] for v in tour.variants} == tour.variants
+    assert {(c.id, c.claim) for c in tour.claims} <= {(c.id, c.claim) for c in seed.claims}
+    steps = next(int(a.split("=")[1]) for a in tour.args if a.startswith("--trainer.max_steps="))
+    assert len(tour.learning_rates) == 1 and len(tour.seeds) == tour.max_seeds == 2 and steps <= 1000
+    assert tour.extend_grid == 0 and tour.also == []  # one round
 
 
 def test_a_study_runs_in_fp32_on_every_machine_unless_its_configs_name_a_precision(place, corpus_dir, monkeypatch):

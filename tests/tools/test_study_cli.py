@@ -114,16 +114,39 @@ def test_a_broken_csv_at_start_is_one_line_and_is_left_as_it_was(place, capsys):
     assert csv_path.read_bytes() == content and not (place / "lightning_logs" / "ablations" / "s" / "nd").exists()
 
 
-def test_report_only_writes_the_report_from_the_csv_alone(place, capsys):
+def write_finished(csv_path: Path, lrs=(1e-3,)) -> None:
+    """A results.csv of the study file's runs at ``lrs``, 3 seeds each, as it would compute them now."""
     study = Study.load("study.yaml")
-    rows = results({(v, lr): FLAT[lr] for v in ("baseline", "nd") for lr in (1e-3, 1e-2)})
+    rows = results({(v, lr): FLAT[lr] for v in study.variants for lr in lrs})
     for r in rows:
         r["settings"] = study.settings(Run(r["variant"], r["lr"], r["seed"]))
-    write_csv(rows, place / "report" / "results.csv")
+    write_csv(rows, csv_path)
+
+
+def test_report_only_writes_the_report_from_the_csv_alone(place, capsys):
+    write_finished(place / "report" / "results.csv", lrs=(1e-3, 1e-2))
     main(["study.yaml", "--report-only", "--report=report"])
     assert capsys.readouterr().out == "report: report/README.md\n"
     assert "12 runs of 2 variants at learning rates 0.001, 0.01" in (place / "report" / "README.md").read_text()
     assert not (place / "lightning_logs").exists()
+
+
+def test_a_study_with_nothing_to_run_says_so_and_writes_nothing(place, capsys):
+    (place / "study.yaml").write_text(GOOD_STUDY.replace("seeds: [0]", "seeds: [0, 1, 2]"))
+    write_finished(place / "reports" / "s" / "results.csv")
+    (place / "reports" / "s" / "results.csv").chmod(0o604)
+    (place / "reports" / "s" / "README.md").write_text("the committed report\n")
+
+    def state() -> dict:
+        return {p: (p.read_bytes(), p.stat().st_mode, p.stat().st_mtime_ns) for p in files(place) if p.is_file()}
+
+    before, paths = state(), files(place)
+    main(["study.yaml"])
+    assert capsys.readouterr().out == (
+        "s: every run is done already, so nothing is run or written; "
+        "the report: reports/s/README.md (--report-only writes it again)\n"
+    )
+    assert state() == before and files(place) == paths  # no file changed, none added
 
 
 def test_help_names_the_project_and_shows_every_default(capsys):

@@ -12,7 +12,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from ...cli import refusal
 from ...utils import UserError, check_writable, exit_with, git_commit, lock
 from .report import write_report
-from .runner import RayEngine, earlier_runs, quiet_runs, read_csv, run_study
+from .runner import RayEngine, earlier_runs, nothing_to_run, quiet_runs, read_csv, run_study
 from .study import Run, Study
 
 PROG = "python -m shakespeare_gpt.tools.ablate"
@@ -80,6 +80,10 @@ def main(argv: list[str] | None = None) -> None:
         check_writable(report_dir, "--report")
         if opts.report_only:
             results = read_csv(report_dir / "results.csv", study)
+        elif nothing_to_run(study, study_dir, report_dir / "results.csv"):
+            done = f"{study.name}: every run is done already, so nothing is run or written"
+            print(f"{done}; the report: {report_dir / 'README.md'} (--report-only writes it again)")
+            return
         else:
             results = run(opts, study, study_dir, report_dir)
         out = write_report(study, results, report_dir, study_file=opts.study, commit=git_commit())

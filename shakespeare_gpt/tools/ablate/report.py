@@ -68,7 +68,7 @@ def plot(table: Table, out: Path) -> list[str]:
     for ax, v in zip(axes.flat, variants, strict=False):
         lrs = sorted(table[v])
         if ref is not None and v != "baseline":
-            ax.plot(sorted(ref), [ref[lr].val for lr in sorted(ref)], "--", color="grey", label="baseline")
+            ax.plot(sorted(ref), [ref[lr].val for lr in sorted(ref)], ".--", color="grey")  # a point at one lr
         vals, errors = [table[v][lr].val for lr in lrs], [half_width(table[v][lr].vals) for lr in lrs]
         ax.errorbar(lrs, vals, yerr=errors, marker="o", capsize=3)
         ax.set_xscale("log")
@@ -76,6 +76,8 @@ def plot(table: Table, out: Path) -> list[str]:
         ax.grid(alpha=0.3)
     for ax in axes.flat[len(variants) :]:
         ax.axis("off")
+    every_lr = [lr for points in table.values() for lr in points]
+    axes[0, 0].set_xlim(min(every_lr) / 2, max(every_lr) * 2)  # shared; autoscaled, one lr leaves it no width
     for ax in axes[-1]:
         ax.set_xlabel("learning rate")
     for ax in axes[:, 0]:
@@ -163,13 +165,15 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     commits = sorted({r.get("commit", "") for r in results} - {""})
     machines = sorted({r.get("machine", "") for r in results} - {""})
     hours = sum(r["seconds"] for r in results) / 3600
+    command = f"python -m shakespeare_gpt.tools.ablate {study_file}"
+    command += "" if out == Path("reports", study.name) else f" --report {out}"  # not the default folder
     wanted, notes = plan(study, results)
     lines = [f"# Ablation study: {study.name}", ""]
     if missing := missing_runs(wanted, results):
         lines += [
             f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "
             "have not run (and finishing them may add rounds). The verdicts below are from the runs so far and "
-            f"may change: run `python -m shakespeare_gpt.tools.ablate {study_file}` to go on.",
+            f"may change: run `{command}` to go on.",
             "",
         ]
     lines += [
@@ -186,7 +190,7 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         f"- Study file sha256 `{hashlib.sha256(Path(study_file).read_bytes()).hexdigest()[:16]}`"
         " (the claims, margin and grids as judged here).",
         "- Every run is a row of [results.csv](results.csv); "
-        f"`python -m shakespeare_gpt.tools.ablate {study_file} --report-only` writes this report again from it.",
+        f"`{command} --report-only` writes this report again from it.",
         "",
         "Losses are full passes: `val` over the whole val split, `train` over a train stretch of the "
         "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "

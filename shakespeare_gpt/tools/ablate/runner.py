@@ -367,6 +367,28 @@ def earlier_runs(study: Study, csv_path: Path) -> list[dict]:
 # --- the study ---
 
 
+def pending(study: Study, study_dir: Path, done: dict[Run, dict]) -> tuple[list[Run], list[Run], list[str]]:
+    """The runs the study wants given ``done``, those of them still to run, and why it wants those beyond its
+    grid. ``done`` gains the runs an earlier command finished (their ``result.json``): what is finished may
+    extend the plan."""
+    while True:
+        known = len(done)
+        wanted, notes = plan(study, list(done.values()))
+        for r in wanted:
+            if r not in done and (result := finished(study, r, study_dir)):
+                done[r] = result
+        todo = [r for r in wanted if r not in done]
+        if todo or len(done) == known:
+            return wanted, todo, notes
+
+
+def nothing_to_run(study: Study, study_dir: Path, csv_path: Path) -> bool:
+    """Whether ``csv_path`` holds every run the study wants and no other: running it would change nothing."""
+    finished, stale = finished_rows(csv_path, study)
+    done = {Run(r["variant"], r["lr"], r["seed"]): r for r in finished}
+    return not stale and not pending(study, study_dir, done)[1] and len(done) == len(finished)
+
+
 def run_study(study: Study, study_dir: Path, engine: Engine, csv_path: Path, earlier: list[dict]) -> list[dict]:
     """Run every round of the study on ``engine``; return every result.
 
@@ -376,22 +398,13 @@ def run_study(study: Study, study_dir: Path, engine: Engine, csv_path: Path, ear
     commit = git_commit()
     done: dict[Run, dict] = {Run(r["variant"], r["lr"], r["seed"]): r for r in earlier}
     start = time.perf_counter()
-    planned: set[Run] = set()
     said: set[str] = set()
     rounds = 0
     while True:
-        wanted, notes = plan(study, list(done.values()))
-        for r in wanted:  # a resumed study: runs finished by an earlier command
-            if r not in done and (result := finished(study, r, study_dir)):
-                done[r] = result
-        todo = [r for r in wanted if r not in done]
+        wanted, todo, notes = pending(study, study_dir, done)
         write_csv(list(done.values()), csv_path)
         if not todo:
-            if set(wanted) == planned:
-                break
-            planned = set(wanted)
-            continue  # what is finished may extend the plan
-        planned = set(wanted)
+            break
         rounds += 1
         for note in notes:
             if note not in said:
