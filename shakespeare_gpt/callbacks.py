@@ -426,12 +426,18 @@ class StepProgressBar(TQDMProgressBar):
     where it stopped, with its total and time left, and there is no "Epoch 0" (an epoch here is only
     the sampler's length)."""
 
-    def on_train_epoch_start(self, trainer, *_) -> None:
-        super().on_train_epoch_start(trainer)
+    def on_train_start(self, trainer, *_) -> None:  # a resumed run starts here, in the middle of an epoch
+        super().on_train_start(trainer)
+        self.count_steps(trainer)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:  # not Lightning's "Epoch N", from 0 again
+        self.count_steps(trainer)
+
+    def count_steps(self, trainer) -> None:
         bar = self.train_progress_bar
         bar.total = trainer.max_steps if trainer.max_steps > 0 else None
         bar.initial = bar.n = trainer.global_step
-        bar.set_description("Training")
+        bar.set_description("Training", refresh=False)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)

@@ -31,9 +31,10 @@ BUNDLED_FILE = Path(__file__).parent / "corpora" / "tinyshakespeare.txt.gz"
 SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 KNOWN_SIZES = {SHA256: 1_115_394}  # a size mismatch is reported before hashing: "truncated" is clearer
 TRAIN_FRACTION = 0.9  # first 90% train, last 10% val, as in the lecture
-# Bytes of a corpus file read, checked and encoded at a time. A longer text is encoded into the
-# cache folder and memory-mapped: it is never whole in memory, and tiny Shakespeare always is.
-CHUNK = 1 << 22
+CHUNK = 1 << 20  # bytes of a corpus file read, checked and encoded at a time
+# A text of more characters is encoded into the cache folder and memory-mapped, never whole in
+# memory; a shorter one (tiny Shakespeare, say) is encoded in memory.
+IN_MEMORY = 1 << 24
 Sha256 = restricted_string_type("Sha256", r"^[0-9a-f]{64}$")  # as sha256sum prints it
 # A failed connection or a server error (5xx) is tried 3 times in all; a 404 or a wrong file is not.
 RETRIES = urllib3.Retry(total=2, backoff_factor=2.0, status_forcelist=(500, 502, 503, 504), raise_on_status=False)
@@ -182,32 +183,29 @@ def stretch(path: Path, start: int, end: int) -> Iterator[str]:
 
 
 def encode(pieces: Iterator[str], tokenizer, cache: Path | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """The token ids of ``pieces``, in the smallest integer type that holds the vocabulary, and the characters
-    each accounts for (None: one each, as for characters).
+    """The token ids of the text in ``pieces``, in the smallest integer type that holds the vocabulary, and
+    the characters each accounts for (None: one each, as for characters).
 
-    ``cache``: the file the ids are written to, a chunk at a time, and memory-mapped from (the counts
-    go to ``<cache>.chars``), so that the text is never whole in memory, nor are its ids; a cache
-    already there is used as it is.
+    Without ``cache``, the text is encoded whole, in memory. With it, a piece at a time into the
+    file ``cache`` (the counts into ``<cache>.chars``), which is then memory-mapped: the text is
+    never whole in memory, nor are its ids (a tokenizer of several characters a token may then
+    cut a token differently where pieces meet). A cache already there is used as it is.
     """
     dtype = next(t for t in (torch.uint8, torch.uint16, torch.int32) if len(tokenizer) <= torch.iinfo(t).max + 1)
-    counts = None if cache is None else cache.with_name(cache.name + ".chars")
-    parts, files = [], []
-    with contextlib.ExitStack() as stack:  # on leaving: the counts' file renamed into place, then the ids'
-        for text in pieces if cache is None or not cache.exists() else ():
-            ids, chars = tokenizer.encode_with_chars(text)
-            ids, chars = ids.to(dtype), None if chars is None else chars.to(torch.int32)
-            if cache is None:
-                parts.append((ids, chars))
-                continue
-            if not files:  # the tokenizer's first answer says whether there are counts to keep
-                files = [
-                    stack.enter_context(atomic_open(p, "wb")) for p in (cache, counts)[: 1 if chars is None else 2]
-                ]
-            for f, part in zip(files, (ids, chars), strict=False):
-                f.write(part.numpy().tobytes())
     if cache is None:
-        ids, chars = zip(*parts, strict=True)
-        return torch.cat(ids), None if chars[0] is None else torch.cat(chars)
+        ids, chars = tokenizer.encode_with_chars("".join(pieces))
+        return ids.to(dtype), None if chars is None else chars.to(torch.int32)
+    counts = cache.with_name(cache.name + ".chars")
+    if not cache.exists():
+        with contextlib.ExitStack() as stack:  # on leaving: the counts' file renamed into place, then the ids'
+            files = []
+            for text in pieces:
+                ids, chars = tokenizer.encode_with_chars(text)
+                if not files:  # the tokenizer's first answer says whether there are counts to keep
+                    files = [stack.enter_context(atomic_open(p, "wb")) for p in (cache, counts)[: 2 - (chars is None)]]
+                files[0].write(ids.to(dtype).numpy().tobytes())
+                if chars is not None:
+                    files[1].write(chars.to(torch.int32).numpy().tobytes())
     return mapped(cache, dtype), mapped(counts, torch.int32) if counts.exists() else None
 
 
@@ -218,10 +216,10 @@ def mapped(path: Path, dtype: torch.dtype) -> torch.Tensor:
 
 def corpus_memory(corpus: str, on_device: bool) -> int:
     """A lower bound on the bytes the encoded corpus ``--data.corpus`` takes in memory, before it is read: on
-    the training device (``--data.on_device``) all of it, else up to a chunk (a longer one is memory-mapped)."""
+    the training device (``--data.on_device``) all of it, else up to ``IN_MEMORY`` (a longer one is memory-mapped)."""
     path = Path(corpus).expanduser()
     size = KNOWN_SIZES[SHA256] if corpus == BUNDLED else path.stat().st_size if path.is_file() else 0
-    return size if on_device else min(size, CHUNK)  # at least a byte a token
+    return size if on_device else min(size, IN_MEMORY)  # at least a byte a token
 
 
 def shortest_corpus(block_size: int) -> int:
@@ -331,16 +329,18 @@ class ValWindows(Dataset):
         T, n_targets = block_size, len(data) - 1
         if n_targets < T:
             raise UserError(f"the val split has {len(data)} tokens, fewer than block_size + 1 = {T + 1}")
-        starts = torch.arange(0, n_targets - T + 1, max(1, T // 2))
-        if starts[-1] + T < n_targets:
-            starts = torch.cat([starts, torch.tensor([n_targets - T])])  # a window that ends at the last token
-        # How many of each window's first targets an earlier window scored.
-        seen = (torch.cat([torch.zeros(1, dtype=torch.long), starts[:-1] + T]) - starts).clamp(0, T)
-        self.targets = n_targets  # scored by the full pass
+        stride = max(1, T // 2)
+        regular = (n_targets - T) // stride + 1  # windows at 0, stride, 2 * stride, ...
+        total = regular + ((regular - 1) * stride + T < n_targets)  # and one that ends at the last token
+        rows = torch.arange(total)  # the windows kept: all, or evenly spread ones (only these are built)
         if max_targets is not None and n_targets > max_targets:
-            keep = torch.linspace(0, len(starts) - 1, -(-max_targets // (T - T // 2))).round().long().unique()
-            starts, seen = starts[keep], seen[keep]
-            self.targets = int((T - seen).sum())
+            rows = torch.linspace(0, total - 1, -(-max_targets // (T - stride))).round().long().unique()
+        starts = torch.where(rows < regular, rows * stride, n_targets - T)
+        # How many of each window's first targets an earlier window scored: none for the first,
+        # the overlap with the window before it for the others.
+        before = torch.where(rows < regular, rows - 1, regular - 1) * stride
+        seen = torch.where(rows == 0, 0, before + T - starts).clamp(0, T)
+        self.targets = int((T - seen).sum())  # scored by this pass
         self.data, self.chars = data, chars
         self.starts, self.seen = starts.to(data.device), seen.to(data.device)
         self.offsets = torch.arange(T + 1, device=data.device)
@@ -371,7 +371,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             text file of your own, or an http(s) URL to download it from.
         sha256: checksum the corpus file must have (checked when given; the bundled corpus
             always checks its own).
-        cache_dir: where a corpus given by URL is downloaded to, and a corpus longer than 4 MB is
+        cache_dir: where a corpus given by URL is downloaded to, and a corpus longer than 16 MB is
             encoded to (a byte or two per character, once per tokenizer).
         block_size: context length; the CLI links it from ``--model.block_size``.
         batch_size: training windows per step.
@@ -430,7 +430,7 @@ class ShakespeareDataModule(L.LightningDataModule):
     def setup(self, stage: str, tokenizer=None) -> None:
         """Encode both splits with ``tokenizer``, by default the tokenizer of the model being run.
 
-        A corpus longer than ``CHUNK`` characters is encoded a chunk at a time into ``cache_dir``,
+        A corpus longer than ``IN_MEMORY`` characters is encoded a chunk at a time into ``cache_dir``,
         once for each tokenizer, and memory-mapped from there.
         """
         if stage == "predict":
@@ -442,7 +442,7 @@ class ShakespeareDataModule(L.LightningDataModule):
         device = self.trainer.strategy.root_device if self.on_device and self.trainer is not None else "cpu"
         split = int(TRAIN_FRACTION * n)
         for name, start, end in (("train", 0, split), ("val", split, n)):
-            cache = None if n <= CHUNK else Path(self.cache_dir) / f"{path.name}.{key}.{name}"
+            cache = None if n <= IN_MEMORY else Path(self.cache_dir) / f"{path.name}.{key}.{name}"
             if cache is not None:
                 check_writable(cache.parent, "--data.cache_dir")
             try:

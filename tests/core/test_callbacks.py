@@ -3,6 +3,9 @@
 Interrupts by real signals are tested in test_interrupts.py.
 """
 
+import errno
+import math
+import os
 from pathlib import Path
 
 import pytest
@@ -125,3 +128,55 @@ def test_lr_curve_holds_the_rate_each_step_ran_at_and_a_stopped_run_writes_its_l
         lr = [(e.step, round(e.value, 8)) for e in events.Scalars(f"train/lr/{group}")]
         assert lr == [(2, 3e-4), (5, 6e-4)]  # steps 2 and 5 (0-based) ran at 3/10 and 6/10 of the peak
     assert [e.step for e in events.Scalars("train/loss")] == [2, 5, 6]
+
+
+def test_a_run_shorter_than_its_validation_interval_is_validated_and_checkpointed_at_its_end(
+    corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli = cli_main([*tiny_fit_args(corpus_dir, 5), "--trainer.val_check_interval=500"])
+    run = tmp_path / "lightning_logs" / "version_0"
+    (best,) = (run / "checkpoints").glob("best-step5-*.ckpt")  # the last step, measured
+    assert last_step(run) == 5 and "val/loss" in cli.trainer.callback_metrics
+    loss = cli.trainer.callback_metrics["val/loss"].item()
+    summary = capsys.readouterr().err.strip().splitlines()[-2:]  # the summary, at the end of fit
+    assert summary == [
+        f"best val loss {loss:.4f} ({loss / math.log(2):.3f} bits per character) at step 5: "
+        f"{best.relative_to(tmp_path)}",
+        "curves: tensorboard --logdir lightning_logs",
+    ]
+
+
+def test_the_progress_bar_counts_steps_out_of_the_run_s_total_from_where_a_resume_starts(
+    corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    shown = ["--trainer.enable_progress_bar=true", "--trainer.val_check_interval=100"]
+    cli_main([*tiny_fit_args(corpus_dir, 3), *shown])
+    cli_main([*tiny_fit_args(corpus_dir, 6), *shown, "--ckpt_path=last"])
+    out = capsys.readouterr().out  # where Lightning's bar writes
+    assert "Training: 100%|██████████| 3/3" in out and "Training:  67%|██████▋   | 4/6" in out  # from step 3
+    assert "Training: 100%|██████████| 6/6" in out and "Epoch" not in out
+
+
+def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_earlier_one_stays_whole(
+    corpus_dir, tmp_path, monkeypatch, capsys
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 2))
+    checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
+    before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
+
+    def disk_full_halfway(obj, f, *args, **kwargs):
+        f.write(b"half a checkpoint")
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(torch, "save", disk_full_halfway)
+    with pytest.raises(SystemExit) as exc:
+        cli_main([*tiny_fit_args(corpus_dir, 4), "--ckpt_path=last"])
+    assert exc.value.code == 1
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
+        f"error: cannot write a checkpoint in {checkpoints.relative_to(tmp_path)} (No space left on device): the "
+        "checkpoints already there are intact; free some space, then resume with --ckpt_path last"
+    )
+    assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before  # no .part file left either

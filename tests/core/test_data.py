@@ -216,6 +216,7 @@ def test_a_long_corpus_is_encoded_into_the_cache_once_and_memory_mapped(tmp_path
     in_memory.setup("fit", CharTokenizer(in_memory.vocab))
     assert not (tmp_path / "c").exists()  # shorter than a chunk: encoded in memory, nothing written
     monkeypatch.setattr(data, "CHUNK", 1000)  # read and encoded 1000 bytes at a time (a character cut in two)
+    monkeypatch.setattr(data, "IN_MEMORY", 1000)  # and cached when longer than that
     cached = ShakespeareDataModule(corpus=str(tmp_path / "long.txt"), block_size=8, cache_dir=str(tmp_path / "c"))
     assert cached.vocab == in_memory.vocab
     cached.setup("fit", CharTokenizer(cached.vocab))

@@ -170,18 +170,52 @@ def test_signal_then_resume_is_the_run_that_never_stopped(how, phase, reference,
     assert process.returncode == 128 + how, f"{where}\n{err}"
     run = folder / RUN
     stopped = checkpoint(run)["global_step"]
-    # The step under way is finished, and so is the validation pass after it (or under way).
+    # The step under way is finished; a validation under way (or about to start) is cut short.
     assert stopped == target + 1 if phase == "train" else stopped == target, where
-    assert f"after step {stopped}: saved {RUN / 'checkpoints' / 'last.ckpt'}; resume with --ckpt_path last" in err
+    cut = phase == "val" or stopped % VAL_EVERY == 0
+    during = " (in its validation, which a resume runs again)" if cut else ""
+    assert f"after step {stopped}{during}: saved {RUN / 'checkpoints' / 'last.ckpt'}; resume with" in err, err
     val = scalars(run).get("val/loss", [])
     assert val == scalars(reference)["val/loss"][: len(val)]  # only complete passes, the reference's values
-    assert len(val) == stopped // VAL_EVERY, where
+    assert len(val) == stopped // VAL_EVERY - cut, where
 
     resumed = fit(folder, "--ckpt_path=last")
     assert resumed.returncode == 0, resumed.stderr
     assert_same_run(run, reference)
     monkeypatch.chdir(folder)
     assert_validate_uses_newest_weights(run, reference, capsys)
+
+
+@pytest.mark.parametrize("how", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_a_stop_during_a_long_validation_takes_a_batch_not_the_pass(how, reference, tmp_path):
+    folder = new_folder(tmp_path, "run")
+    process = start_fit(folder, paced=True, pace=0.5)  # a validation of 10+ batches: 5 s or more
+    wait_for(folder, "val", VAL_EVERY, process)
+    sent = time.monotonic()
+    process.send_signal(how)
+    _, err = process.communicate(timeout=120)
+    assert process.returncode == 128 + how, err
+    assert time.monotonic() - sent < 3, err  # a batch (0.5 s here) and the checkpoint, not the pass
+    assert checkpoint(folder / RUN)["global_step"] == VAL_EVERY and "val/loss" not in scalars(folder / RUN)
+    resumed = fit(folder, "--ckpt_path=last")  # it runs that validation again, from its first batch
+    assert resumed.returncode == 0, resumed.stderr
+    assert_same_run(folder / RUN, reference)
+
+
+def test_a_run_stopped_before_its_first_checkpoint_leaves_nothing_that_blocks_a_resume(reference, tmp_path):
+    folder = new_folder(tmp_path, "run")
+    shutil.copytree(reference, folder / RUN)  # an earlier run, finished
+    process = start_fit(folder, paced=True, pace=1.0)  # a new run, version_1, a second a step
+    wait_for(folder, "train", 1, process)
+    process.send_signal(signal.SIGINT)
+    time.sleep(0.2)
+    process.send_signal(signal.SIGINT)  # again, before the step ends: stop now, saving nothing
+    _, err = process.communicate(timeout=120)
+    assert process.returncode != 0
+    assert "removed lightning_logs/version_1: the run was stopped before its first checkpoint" in err, err
+    assert sorted(p.name for p in (folder / "lightning_logs").iterdir()) == ["version_0"]
+    resumed = fit(folder, "--ckpt_path=last")  # the run before it: finished, so nothing more to do
+    assert resumed.returncode == 0, resumed.stderr
 
 
 def test_kill_9_then_resume_drops_the_lost_steps_from_the_curves(reference, tmp_path, monkeypatch, capsys):
@@ -244,7 +278,7 @@ def test_nothing_to_resume_is_said_in_one_line_and_an_older_run_is_never_taken(
     before = snapshot(folder / "lightning_logs")
     code, err = run_cli([*FIT, "--ckpt_path=last"], capsys)
     assert code == 1 and len(err) == 1
-    assert err[0].startswith("error: nothing to resume: the newest run lightning_logs/version_1 has no last.ckpt")
+    assert err[0].startswith("error: nothing to resume: the newest run lightning_logs/version_1 has no checkpoint")
     assert snapshot(folder / "lightning_logs") == before
 
 
@@ -253,8 +287,6 @@ def test_nothing_to_resume_is_said_in_one_line_and_an_older_run_is_never_taken(
     [
         ("--model.n_embd=32", "was trained with n_embd=16 (asked: 32): a checkpoint decides its model's settings"),
         ("--model.norm=post", "was trained with norm='pre' (asked: 'post')"),
-        ("truncated", "cannot be read (OSError): it is truncated or corrupt"),
-        ("garbage", "cannot be read (RuntimeError): it is truncated or corrupt"),
     ],
 )
 def test_a_resume_that_cannot_work_is_one_line_and_changes_no_file(
@@ -262,19 +294,36 @@ def test_a_resume_that_cannot_work_is_one_line_and_changes_no_file(
 ):
     folder = new_folder(tmp_path, "run")
     shutil.copytree(reference, folder / RUN)
-    last = folder / RUN / "checkpoints" / "last.ckpt"
-    if damage == "truncated":
-        last.write_bytes(last.read_bytes()[: last.stat().st_size // 2])
-    elif damage == "garbage":
-        last.write_bytes(b"\x00not a checkpoint" * 100)
     before = snapshot(folder / "lightning_logs")
     monkeypatch.chdir(folder)
-    flags = [damage] if damage.startswith("--") else []
-    code, err = run_cli([*FIT, *flags, "--ckpt_path=last"], capsys)
+    code, err = run_cli([*FIT, damage, "--ckpt_path=last"], capsys)
     assert code == 1 and len(err) == 1, err
-    assert err[0].startswith(f"error: {'checkpoint ' if not flags else ''}{RUN / 'checkpoints' / 'last.ckpt'}")
+    assert err[0].startswith(f"error: {RUN / 'checkpoints' / 'last.ckpt'}")
     assert message in err[0]
     assert snapshot(folder / "lightning_logs") == before  # config.yaml included
+
+
+@pytest.mark.parametrize("damage", ["truncated", "garbage"])
+def test_an_unreadable_checkpoint_is_passed_over_in_one_line(damage, reference, tmp_path, monkeypatch, capsys):
+    folder = new_folder(tmp_path, "run")
+    shutil.copytree(reference, folder / RUN)
+    last = folder / RUN / "checkpoints" / "last.ckpt"
+    (best,) = (folder / RUN / "checkpoints").glob("best-*.ckpt")
+
+    def spoil(path: Path) -> None:
+        path.write_bytes(path.read_bytes()[: path.stat().st_size // 2] if damage == "truncated" else b"\0junk" * 99)
+
+    monkeypatch.chdir(folder)
+    spoil(best)  # the folder's best: validate takes the run's next checkpoint
+    cli = cli_main(["validate", f"--ckpt_path={RUN}", "--data.corpus=data/input.txt", "--trainer.logger=false"])
+    err = capsys.readouterr().err.splitlines()
+    assert f"passed over {best.relative_to(folder)}: it cannot be read (truncated or corrupt)" in err
+    assert f"checkpoint: {last.relative_to(folder)}" in err and cli.trainer.callback_metrics["val/loss"] > 0
+    shutil.copy(reference / "checkpoints" / best.name, best)
+    spoil(last)  # the run's last: a resume goes on from its newest readable checkpoint
+    cli_main([*FIT, "--ckpt_path=last"])
+    assert f"passed over {last.relative_to(folder)}" in capsys.readouterr().err
+    assert checkpoint(folder / RUN)["global_step"] == MAX_STEPS
 
 
 def test_model_flags_that_contradict_an_explicit_checkpoint_are_refused(reference, tmp_path, monkeypatch, capsys):

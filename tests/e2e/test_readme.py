@@ -123,12 +123,16 @@ def test_every_readme_command_runs_as_written(tmp_path):
     assert commands[:2] == ["make demo", "make test"], "the two commands come first"
     folder = tmp_path / "clone"
     folder.mkdir()
-    for name in ("Makefile", "pyproject.toml"):
+    for name in ("Makefile", "pyproject.toml", ".gitignore"):
         shutil.copy(ROOT / name, folder / name)
     for name in ("configs", "reports"):
         shutil.copytree(ROOT / name, folder / name)
-    (folder / "my_text.txt").write_text(TINY_TEXT)  # the tour's "text of your own"
     short_tour(folder)
+    # A repository of its own, as a clone is, so that what the commands change shows in git status.
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "-c", "commit.gpgsign=false"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-qm", "clone"]):
+        run([*git, *args], folder)
+    (folder / "my_text.txt").write_text(TINY_TEXT)  # the tour's "text of your own", not committed
     handled = []
     for line in commands:
         words = shlex.split(line)
@@ -138,7 +142,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
             fit_args = " ".join([*SMALL, "--trainer.max_steps=4"])
             out = run(["make", "-o", f"{venv}/.core", "demo", f"VENV={venv}", f"FIT_ARGS={fit_args}"], folder)
             assert out.stdout.count("----- sample") == 2
-            assert (folder / "lightning_logs" / "samples.txt").read_text().count("----- sample") == 2
+            # From the run just trained, and beside it.
+            assert "checkpoint: lightning_logs/cpu/version_0/checkpoints/best-step4-" in out.stderr
+            assert (folder / "lightning_logs/cpu/version_0/samples.txt").read_text().count("----- sample") == 2
         elif line in ("make test", ". .venv/bin/activate && pytest", "pytest -m slow"):
             # CI runs these (.ci/run: make's set-up, then both tiers); here they would run this test again.
             ci = (ROOT / ".ci" / "run").read_text()
@@ -180,6 +186,7 @@ def test_every_readme_command_runs_as_written(tmp_path):
             out = run([sys.executable, *words[1:]], folder)
             assert "tour: every run is done already, so nothing is run or written" in out.stdout
             assert files_outside(folder, []) == before
+            assert run(["git", "status", "--porcelain"], folder).stdout == "?? my_text.txt\n"
         else:
             pytest.fail(f"the README's command {line!r} is not run by this test: add it here")
         handled.append(line)
