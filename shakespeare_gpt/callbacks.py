@@ -362,9 +362,9 @@ class RunLock(Callback):
         if stage != "fit":
             return
         log_dir = trainer.log_dir  # on every rank: reading it is a collective call
-        if trainer.is_global_zero and log_dir is not None and self.handle is None:
-            self.new_run = None if Path(log_dir).exists() else Path(log_dir)
-            self.handle = lock_run(Path(log_dir))
+        if trainer.is_global_zero and log_dir is not None and self.handle is None:  # not a resumed run
+            self.new_run = Path(log_dir)
+            self.handle = lock_run(self.new_run)
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.handle is not None:
