@@ -55,6 +55,8 @@ class SampleWriter(Callback):
             self.samples.append(text)
             sys.stdout.write(f"----- sample {len(self.samples)} -----\n{text}\n")
         sys.stdout.flush()
+        if (batches := trainer.num_predict_batches[0]) > 1:  # progress, apart from the samples
+            sys.stderr.write(f"batch {batch_idx + 1} of {batches}: {len(self.samples)} samples drawn\n")
 
     def on_predict_end(self, trainer, pl_module) -> None:
         if not trainer.is_global_zero:

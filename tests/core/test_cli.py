@@ -67,7 +67,7 @@ def test_predict_from_checkpoint_with_no_data_on_disk(trained, tmp_path, monkeyp
     assert not (elsewhere / "data").exists()  # nothing was downloaded or needed
 
 
-def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatch):
+def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     ckpt = trained / "checkpoints" / "last.ckpt"
     common = ["predict", f"--ckpt_path={ckpt}", "--trainer.logger=false", "--trainer.enable_progress_bar=false"]
@@ -77,6 +77,13 @@ def test_predict_settings_are_read_at_predict_time(trained, tmp_path, monkeypatc
         text = (trained / "samples.txt").read_text()  # beside the checkpoint's run
         return text.removeprefix("----- sample 1 -----\n").removesuffix("\n")
 
+    # Drawn in batches, each said when done; the first samples are the same whatever their number.
+    seeded = [*common, "--sample.prompt=All:", "--sample.max_new_tokens=25", "--sample.seed=7"]
+    cli_main([*seeded, "--sample.num_samples=5", "--sample.batch_size=2"])
+    assert "batch 3 of 3: 5 samples drawn" in capsys.readouterr().err
+    five = (trained / "samples.txt").read_text()
+    cli_main([*seeded, "--sample.num_samples=2"])
+    assert five.count("----- sample") == 5 and five.startswith((trained / "samples.txt").read_text())
     greedy = [sample("--sample.top_k=1", f"--sample.seed={seed}") for seed in (1, 2)]
     assert greedy[0] == greedy[1]  # top_k=1 is greedy: the seed no longer matters
     hot = [sample("--sample.temperature=3.0", f"--sample.seed={seed}") for seed in (1, 1, 2)]
