@@ -92,14 +92,19 @@ class TextSample(Callback):
 class TensorBoard(TensorBoardLogger):
     """Lightning's TensorBoard logger, laid out for this project.
 
-    The Custom Scalars tab draws train and val loss on one chart, then the learning rate and the
-    throughput (the other charts, val bits per character and MFU among them, are under Scalars);
-    the Scalars tab has no ``epoch`` chart (an "epoch" here is only the sampler's
-    length, and Lightning adds that chart to every logger).
+    The Custom Scalars tab draws train and val loss on one chart, val bits per character beside it
+    (the measure that compares runs with different tokenizers), then the learning rate and the
+    throughput (MFU is under Scalars). A chart colours its lines by run; the lines of one run differ
+    by their markers, which the "Matches" list under the chart names. The Scalars tab has no
+    ``epoch`` chart (an "epoch" here is only the sampler's length, and Lightning adds that chart to
+    every logger).
     """
 
     LAYOUT = {
-        "Loss": {"train and val loss (nats per character)": ["Multiline", [r"^(train|val|train_eval)/loss$"]]},
+        "Loss": {
+            "train and val loss (nats per token)": ["Multiline", [r"^(train|val|train_eval)/loss$"]],
+            "val bits per character (compares tokenizers)": ["Multiline", [r"^val/bpc$"]],
+        },
         "Training": {
             "learning rate": ["Multiline", [r"^train/lr"]],
             "throughput (tokens/s)": ["Multiline", [r"^perf/tokens_per_s$"]],

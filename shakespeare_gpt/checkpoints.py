@@ -13,6 +13,7 @@ import sys
 from pathlib import Path
 
 import torch
+import yaml
 from jsonargparse import ArgumentError, ArgumentParser, Namespace
 from lightning.fabric.plugins import TorchCheckpointIO
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -38,7 +39,7 @@ def class_name(class_path: str) -> str:
     return str(class_path).rpartition(".")[2]
 
 
-def resolve(config: Namespace, subcommand: str):
+def resolve(config: Namespace, subcommand: str, args: list[str] | None = None):
     """For the command line, before Lightning reads ``--ckpt_path``: ``last`` becomes the run to continue,
     a folder its best checkpoint, and the checkpoint is read and checked against the model flags. One
     line if anything is wrong, and nothing written. Returns the run a resume continues, or None."""
@@ -56,7 +57,7 @@ def resolve(config: Namespace, subcommand: str):
     else:
         path = config.ckpt_path
     config.ckpt_path = str(path)
-    check_matches(config.model, read_checkpoint(path), path)
+    check_matches(config.model, read_checkpoint(path), path, given_settings(config, args))
     return run
 
 
@@ -206,40 +207,59 @@ def model_defaults(class_path: str) -> dict:
         raise UserError(f"no model class {class_path} here: use the version of shakespeare-gpt that wrote it") from None
 
 
-def check_matches(model: Namespace, ckpt: dict, path: str | Path) -> None:
+def given_settings(config: Namespace, args: list[str] | None) -> dict[str, str | None]:
+    """The model settings the user gave (``class_path``: the class), each with the config file that set it,
+    or None if typed as a flag. ``config``: a subcommand's parsed namespace; ``args``: its command line
+    (None: ``sys.argv[1:]``, as for ``LightningCLI``)."""
+    given = {}
+    for file in filter(None, config.get("config") or []):  # None: a config given as text, not as a file
+        model = (yaml.safe_load(Path(file).read_text()) or {}).get("model") or {}
+        model = {"class_path": model} if isinstance(model, str) else model  # flat, or class_path and init_args
+        given.update(dict.fromkeys({*model, *model.get("init_args", {})} - {"init_args"}, str(file)))
+    for arg in sys.argv[1:] if args is None else args:
+        if m := re.fullmatch(r"--model(?:\.(?:init_args\.)?(\w+))?(=.*)?", arg, re.DOTALL):
+            given[m[1] or "class_path"] = None
+    return given
+
+
+def check_matches(model: Namespace, ckpt: dict, path: str | Path, given: dict[str, str | None]) -> None:
     """Refuse, in one line, model settings given by the user that the checkpoint contradicts.
 
     Lightning rebuilds the model from the checkpoint's settings and would silently ignore these.
-    A setting at its default was not given, so it is not a contradiction. ``model`` becomes the
-    checkpoint's class.
+    ``given`` (``given_settings``) says what the user set, and where; a value away from its default
+    counts as given too (``--model`` from a file, or JSON). ``model`` becomes the checkpoint's class.
     """
+
+    def where(key: str) -> str:  # a setting's config file, when a config set it
+        return f", set by --config {given[key]}" if given.get(key) else ""
+
     saved = ckpt["hyper_parameters"]
     saved_class = saved.get("_class_path", CHAR_MODEL)
     holds, asked_class = class_name(saved_class), class_name(model.class_path)
     asked_defaults, defaults = model_defaults(model.class_path), model_defaults(saved_class)
-    asked = {k: v for k, v in model.init_args.as_dict().items() if k != "vocab" and v != asked_defaults.get(k)}
+    values = model.init_args.as_dict()
+    asked = {k: v for k, v in values.items() if k != "vocab" and (k in given or v != asked_defaults.get(k))}
     if asked_class != holds:
-        if asked_class != class_name(CHAR_MODEL):  # a config that names a class: not the default one
+        if "class_path" in given or asked_class != class_name(CHAR_MODEL):
             raise UserError(
-                f"{path} holds a {holds}, not the {asked_class} this config asks for: "
-                "a checkpoint decides its model; drop the config's model section"
+                f"{path} holds a {holds}, not the {asked_class} asked for{where('class_path') or ' by --model'}: "
+                "a checkpoint decides its model; drop it"
             )
         if foreign := sorted(set(asked) - set(defaults)):
-            raise UserError(f"{path} holds a {holds}, which has no setting --model.{foreign[0]}: drop it")
-        model.init_args = Namespace(**asked)  # read for the default class: keep only what the user changed
+            key = foreign[0]
+            raise UserError(f"{path} holds a {holds}, which has no setting --model.{key}{where(key)}: drop it")
+        model.init_args = Namespace(**asked)  # read for the default class: keep only what the user gave
     if unknown := sorted(set(saved) - set(defaults) - {"vocab", "_instantiator", "_class_path"}):
         raise UserError(
             f"{path} was written by another version of shakespeare-gpt (settings {', '.join(unknown)} are unknown "
             "here): use the version that wrote it"
         )
-    clashes = [
-        f"{key}={saved[key]!r} (asked: {value!r})"
-        for key, value in asked.items()
-        if key in saved and key not in RUNTIME_SETTINGS and value != saved[key] and value != defaults.get(key)
-    ]
+    clashes = [k for k, v in asked.items() if k in saved and k not in RUNTIME_SETTINGS and v != saved[k]]
     if clashes:
+        configs = "".join(dict.fromkeys(where(k) for k in clashes))  # once for each config file
         raise UserError(
-            f"{path} was trained with {', '.join(clashes)}: a checkpoint decides its model's settings; "
-            "drop those --model flags (or the config that sets them), or start a new run without --ckpt_path"
+            f"{path} was trained with {', '.join(f'{k}={saved[k]!r} (asked: {asked[k]!r})' for k in clashes)}"
+            f"{configs}: a checkpoint decides its model's settings; drop those --model flags (or the config that "
+            "sets them), or start a new run without --ckpt_path"
         )
     model.class_path = saved_class

@@ -105,7 +105,9 @@ class ShakespeareCLI(LightningCLI):
         # How the run is executed stays the command line's, whatever the checkpoint says (see before_instantiate).
         self.runtime_settings = {k: config.model.init_args.get(k) for k in checkpoints.RUNTIME_SETTINGS}
         check_run(config, subcommand)
-        self.resumed_run = checkpoints.resolve(config, subcommand) if subcommand and config.get("ckpt_path") else None
+        self.resumed_run = (
+            checkpoints.resolve(config, subcommand, args) if subcommand and config.get("ckpt_path") else None
+        )
         if subcommand == "predict":  # samples go beside the checkpoint's run, unless told where
             config.writer.path = config.writer.path or str(checkpoints.samples_file(config.get("ckpt_path")))
             check_writable(Path(config.writer.path), "--writer.path", folder=False)

@@ -97,10 +97,11 @@ class LanguageModel(L.LightningModule):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
-        # Sums over the pass, synchronised across processes: nats, scored tokens, their characters.
+        # Sums over the pass, synchronised across processes: nats, scored tokens, their characters. A NaN
+        # stays a NaN (torchmetrics would drop it, and a broken run would log a val loss of 0).
         self.eval_sums = torch.nn.ModuleDict(
             {
-                f"{split}_{what}": SumMetric().set_dtype(torch.float64)
+                f"{split}_{what}": SumMetric(nan_strategy="disable").set_dtype(torch.float64)
                 for split in ("val", "train_eval")
                 for what in ("nll", "tokens", "chars")
             }
@@ -240,12 +241,17 @@ class ShakespeareGPT(LanguageModel):
         self.model = GPT(config)
         self.flops_per_token = self.model.flops_per_token()  # for throughput and MFU
         self.compiled_forward = None
+        self.example_input_array = torch.zeros(1, config.block_size, dtype=torch.long)  # the summary counts its FLOPs
 
     def configure_model(self) -> None:
         if self.hparams.compile and self.compiled_forward is None:
             # A compiled function, not a wrapping module: parameter names, and so checkpoints,
             # stay those of the eager model, and sampling keeps calling the eager one.
             self.compiled_forward = torch.compile(self.model.forward)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The eager network's logits: what the model summary runs ``example_input_array`` through (no compiling)."""
+        return self.model(x)[0]
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return (self.compiled_forward or self.model)(x)[0]

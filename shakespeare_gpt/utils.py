@@ -171,6 +171,8 @@ def quiet_third_party() -> None:
     # fit writes to a fresh version_N folder; one that has checkpoints is one the user asked for
     # (a resumed run, or a fixed --trainer.logger.init_args.version).
     warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
+    # Said on every bf16 fit: the summary sizes mixed precision's weights as fp32, which they are.
+    warnings.filterwarnings("ignore", message=r"Precision bf16-mixed is not supported by the model summary")
     # Advertisements for Lightning's cloud services, printed on every run; and the seed (config.yaml records it).
     logging.getLogger("lightning.pytorch.utilities.rank_zero").addFilter(DropLines("💡 Tip"))
     logging.getLogger("lightning.fabric.utilities.seed").addFilter(DropLines("Seed set to"))

@@ -35,6 +35,7 @@ from . import WindowLength
 
 PROG = "python -m shakespeare_gpt.tools.compare"
 REPEATS = 3  # timed generations of each sample
+COUNTS = ("num_samples", "batch_size")  # how many samples, and how many at once: not what a sample is
 
 
 @dataclass
@@ -58,6 +59,12 @@ def is_run(spec: str) -> bool:
     """A checkpoint file, or a folder of this project's runs (rather than a Hugging Face model)."""
     path = Path(spec)
     return path.is_file() or (path.is_dir() and not (path / "config.json").is_file())
+
+
+def is_path(spec: str) -> bool:
+    """Whether ``spec`` can only name a file or folder here: a Hub name is ``name`` or ``owner/name``."""
+    has_folder = "/" in spec and Path(spec).parent.is_dir()
+    return spec.endswith(".ckpt") or spec.startswith((".", "~", "/")) or spec.count("/") > 1 or has_folder
 
 
 def model_args(spec: str, block_size: int | None) -> list[str]:
@@ -104,7 +111,7 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
         seconds = min(times)
     text = model.tokenizer.decode(ids[0].tolist())
     new_chars = len(text) - len(model.tokenizer.decode(idx[0].tolist()))
-    sample_args = [f"--sample.{k}={v}" for k, v in vars(sampling).items() if k != "num_samples" and v is not None]
+    sample_args = [f"--sample.{k}={v}" for k, v in vars(sampling).items() if k not in COUNTS and v is not None]
     predict_args = model_args(spec, block_size) + trainer + sample_args
     return Row(
         label=label,
@@ -134,10 +141,15 @@ def check_model(label: str, spec: str) -> None:
             best_checkpoint(Path(spec))
         elif Path(spec).is_file():
             read_checkpoint(spec)
+        elif is_path(spec) and not Path(spec).expanduser().exists():
+            raise UserError(
+                f"there is no file or folder {spec}: give a checkpoint, a folder of runs, or a Hugging Face model "
+                "name or folder"
+            )
         else:
             load_options(spec)
     except UserError as e:
-        raise UserError(f"{label}: {e}") from None
+        raise UserError(f"{label}: {e}" if label != spec else str(e)) from None
 
 
 def escape(text: str) -> str:
@@ -167,7 +179,7 @@ def report(rows: list[Row], argv: list[str], sampling: Sampling, corpus: str, no
             f"| {label} | {r.kind} | {r.parameters:,} | {r.block_size} | {r.val_loss:.4f} | {r.val_bpc:.4f} | "
             f"{r.tokens_per_s:,.0f} | {r.chars_per_s:,.0f} |"
         )
-    settings = ", ".join(f"{k}={v!r}" for k, v in vars(sampling).items() if k != "num_samples")
+    settings = ", ".join(f"{k}={v!r}" for k, v in vars(sampling).items() if k not in COUNTS)
     lines += ["", f"## Samples ({settings})", "", "<table><tr>"]
     lines += [f"<th>{escape(r.label)}</th>" for r in rows]
     lines += ["</tr><tr>"]

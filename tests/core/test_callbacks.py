@@ -6,11 +6,13 @@ Interrupts by real signals are tested in test_interrupts.py.
 import errno
 import math
 import os
+import re
 from pathlib import Path
 
 import pytest
 import torch
 
+from shakespeare_gpt.callbacks import TensorBoard
 from shakespeare_gpt.cli import build, cli_main
 
 from ..conftest import tiny_fit_args
@@ -104,6 +106,10 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     # Per-step values are handed to Lightning only at the steps it writes, and all of those are written.
     for tag in ("train/loss", "train/lr/decayed", "train/lr/not_decayed"):
         assert [e.step for e in events.Scalars(tag)] == [1, 3]
+    tags = events.Tags()["scalars"]
+    for charts in TensorBoard.LAYOUT.values():  # every chart of the Custom Scalars tab draws a tag
+        for chart, (_, patterns) in charts.items():
+            assert any(re.search(p, tag) for p in patterns for tag in tags), chart
 
 
 def test_lr_curve_holds_the_rate_each_step_ran_at_and_a_stopped_run_writes_its_last_loss(

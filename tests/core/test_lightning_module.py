@@ -156,6 +156,15 @@ def test_compiled_module_keeps_the_eager_parameter_names():
     eager.load_state_dict(compiled.state_dict())
 
 
+def test_the_model_summary_counts_the_flops_of_one_window():
+    from lightning.pytorch.utilities.model_summary import summarize
+
+    model = ShakespeareGPT(**TINY, attention="explicit")  # torch counts none for the fused kernel on a CPU
+    matrices = sum(m.weight.numel() for m in model.model.modules() if isinstance(m, torch.nn.Linear))
+    # Each weight matrix once per token of the window (a multiply-add is 2 FLOPs), and attention besides.
+    assert summarize(model).total_flops > 2 * TINY["block_size"] * matrices
+
+
 def test_checkpoint_of_a_torch_compile_wrapped_network_loads_into_an_eager_model():
     source = ShakespeareGPT(**TINY)
     wrapped = torch.compile(source.model)  # what other scripts save: keys gain "_orig_mod."
