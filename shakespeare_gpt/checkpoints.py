@@ -8,6 +8,7 @@ traceback, and nothing is written) and by the tools that take a run folder.
 from __future__ import annotations
 
 import functools
+import io
 import re
 import sys
 from pathlib import Path
@@ -138,9 +139,11 @@ class AtomicCheckpointIO(TorchCheckpointIO):
     """
 
     def save_checkpoint(self, checkpoint: dict, path, storage_options=None) -> None:
+        buffer = io.BytesIO()  # serialised first: a failed write is then an OSError, not torch's zip writer's error
+        torch.save(checkpoint, buffer)
         try:
             with atomic_open(Path(path), "wb") as f:
-                torch.save(checkpoint, f)
+                f.write(buffer.getbuffer())
         except OSError as e:
             raise UserError(
                 f"cannot write a checkpoint in {Path(path).parent} ({e.strerror or e}): the checkpoints already "

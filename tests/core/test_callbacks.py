@@ -7,13 +7,16 @@ import errno
 import math
 import os
 import re
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
 import torch
 
+import shakespeare_gpt.checkpoints
 from shakespeare_gpt.callbacks import TensorBoard
 from shakespeare_gpt.cli import build, cli_main
+from shakespeare_gpt.utils import atomic_open
 
 from ..conftest import tiny_fit_args
 
@@ -173,11 +176,14 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_earlier_one_sta
     checkpoints = tmp_path / "lightning_logs" / "version_0" / "checkpoints"
     before = {p.name: p.read_bytes() for p in checkpoints.iterdir()}
 
-    def disk_full_halfway(obj, f, *args, **kwargs):
-        f.write(b"half a checkpoint")
-        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+    @contextmanager
+    def disk_full_halfway(path, mode="w"):
+        with atomic_open(path, mode) as f:
+            f.write(b"half a checkpoint")
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            yield f
 
-    monkeypatch.setattr(torch, "save", disk_full_halfway)
+    monkeypatch.setattr(shakespeare_gpt.checkpoints, "atomic_open", disk_full_halfway)
     with pytest.raises(SystemExit) as exc:
         cli_main([*tiny_fit_args(corpus_dir, 4), "--ckpt_path=last"])
     assert exc.value.code == 1
