@@ -7,6 +7,7 @@ Lightning's own callbacks are used where one does the job (``ModelCheckpoint``,
 
 from __future__ import annotations
 
+import math
 import shutil
 import signal
 import sys
@@ -283,7 +284,8 @@ class InterruptCheckpoint(Callback):
             return  # already stopping
         self.signum = signum
         again = " (Ctrl-C again: stop now, no save)" if signum == signal.SIGINT else ""
-        when = "now" if self.trainer.validating else "after this step"
+        last = self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps
+        when = "now" if self.trainer.validating and not last else "after this step"
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping {when} and saving last.ckpt{again}\n")
 
     def _signalled(self, trainer) -> bool:
@@ -359,10 +361,12 @@ class RunLock(Callback):
 
     Args:
         handle: the open lock file of a lock already taken, or None to take it at setup.
+        fresh: the run's folder is a new ``version_N`` of the logger's, and its checkpoints go in it:
+            one this process may remove.
     """
 
-    def __init__(self, handle=None) -> None:
-        self.handle = handle
+    def __init__(self, handle=None, fresh: bool = False) -> None:
+        self.handle, self.fresh = handle, fresh
         self.new_run: Path | None = None  # the folder of a run this process started
 
     def setup(self, trainer, pl_module, stage: str) -> None:
@@ -370,8 +374,8 @@ class RunLock(Callback):
             return
         log_dir = trainer.log_dir  # on every rank: reading it is a collective call
         if trainer.is_global_zero and log_dir is not None and self.handle is None:  # not a resumed run
-            self.new_run = Path(log_dir)
-            self.handle = lock_run(self.new_run)
+            self.new_run = Path(log_dir) if self.fresh else None
+            self.handle = lock_run(Path(log_dir))
 
     def teardown(self, trainer, pl_module, stage: str) -> None:
         if self.handle is not None:
@@ -382,6 +386,8 @@ class RunLock(Callback):
         self.teardown(trainer, pl_module, "fit")
         run = self.new_run
         if isinstance(exception, KeyboardInterrupt | SIGTERMException) and run and not any(run.rglob("*.ckpt")):
+            if trainer.logger is not None:
+                trainer.logger.finalize("failed")  # its writer closed first: it writes no file into the folder again
             shutil.rmtree(run, ignore_errors=True)
             sys.stderr.write(f"removed {run}: the run was stopped before its first checkpoint\n")
 
@@ -410,7 +416,7 @@ class RunSummary(Callback):
 
     def on_validation_end(self, trainer, pl_module) -> None:
         metrics = {k: float(v) for k, v in trainer.callback_metrics.items() if k in ("val/loss", "val/bpc")}
-        if not fitting(trainer) or "val/loss" not in metrics:
+        if not fitting(trainer) or not math.isfinite(metrics.get("val/loss", math.nan)):
             return
         if self.best is None or metrics["val/loss"] < self.best["val/loss"]:
             self.best = {**metrics, "step": trainer.global_step}
@@ -435,16 +441,13 @@ class StepProgressBar(TQDMProgressBar):
 
     def on_train_start(self, trainer, *_) -> None:  # a resumed run starts here, in the middle of an epoch
         super().on_train_start(trainer)
-        self.count_steps(trainer)
-
-    def on_train_epoch_start(self, trainer, *_) -> None:  # not Lightning's "Epoch N", from 0 again
-        self.count_steps(trainer)
-
-    def count_steps(self, trainer) -> None:
         bar = self.train_progress_bar
         bar.total = trainer.max_steps if trainer.max_steps > 0 else None
-        bar.initial = bar.n = trainer.global_step
+        bar.initial = bar.n = trainer.global_step  # the rate and time left count from here
         bar.set_description("Training", refresh=False)
+
+    def on_train_epoch_start(self, trainer, *_) -> None:
+        pass  # not Lightning's: no "Epoch N", and the count goes on
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
         super().on_train_batch_end(trainer, pl_module, outputs, batch, trainer.global_step - 1)

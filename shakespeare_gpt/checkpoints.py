@@ -22,7 +22,7 @@ from lightning.pytorch.utilities import rank_zero_only
 
 from .lightning_module import LanguageModel, ShakespeareGPT
 from .pretrained import PretrainedLM
-from .utils import UserError, atomic_open, lock
+from .utils import UserError, atomic_open, check_writable, lock
 
 # Model settings that may differ from a checkpoint's: how the run is executed, not what it computes.
 RUNTIME_SETTINGS = ("compile", "sample_tokens", "trust_remote_code", "pretrained")  # pretrained: where, not what
@@ -63,12 +63,18 @@ def resolve(config: Namespace, subcommand: str, args: list[str] | None = None):
 
 
 def samples_file(ckpt_path: str | None) -> Path:
-    """Where ``predict`` writes the samples of ``ckpt_path``: its run's folder, or beside a checkpoint
-    that is in none (without a checkpoint, lightning_logs/)."""
+    """Where ``predict`` writes the samples of ``ckpt_path``: its run's folder, or beside a checkpoint that is
+    in none; lightning_logs/ without a checkpoint, or when that folder cannot be written (another's run)."""
+    fallback = Path("lightning_logs", "samples.txt")
     if not ckpt_path:
-        return Path("lightning_logs", "samples.txt")
+        return fallback
     ckpt = Path(ckpt_path)
-    return ckpt.parents[1] / "samples.txt" if ckpt.parent.name == "checkpoints" else ckpt.with_suffix(".samples.txt")
+    path = ckpt.parents[1] / "samples.txt" if ckpt.parent.name == "checkpoints" else ckpt.with_suffix(".samples.txt")
+    try:
+        check_writable(path, "--writer.path", folder=False)
+    except UserError:
+        return fallback
+    return path
 
 
 def runs_in(root: Path) -> list[Path]:
@@ -88,13 +94,13 @@ def best_checkpoint(folder: Path) -> Path:
     if not runs:
         raise UserError(f"--ckpt_path {folder}: no run here (no checkpoints/ or version_N/ folder); {HINT}")
     for run in reversed(runs):
-        best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: number(p, "val", float("inf")))
+        best = sorted((run / "checkpoints").glob("best-*.ckpt"), key=lambda p: number_in_name(p, "val", float("inf")))
         if found := readable([*best, run / "checkpoints" / LAST]):
             return found
     raise UserError(f"--ckpt_path {folder}: no run here has a checkpoint that can be read; {HINT}")
 
 
-def number(path: Path, key: str, missing: float) -> float:
+def number_in_name(path: Path, key: str, missing: float) -> float:
     """The number after ``key`` in a checkpoint's name (ours: best-step{step}-val{val/loss:.4f}), or ``missing``."""
     m = re.search(rf"{key}(\d+(\.\d+)?)", path.stem)
     return float(m.group(1)) if m else missing
@@ -190,7 +196,7 @@ def resume(config: Namespace) -> tuple[Path, Path | None]:
 
 def _last_checkpoint(folder: Path, run: Path) -> Path:
     """``last.ckpt`` in ``folder``; should it not be readable, the run's newest other checkpoint."""
-    others = sorted(folder.glob("*.ckpt"), key=lambda p: number(p, "step", -1), reverse=True)
+    others = sorted(folder.glob("*.ckpt"), key=lambda p: number_in_name(p, "step", -1), reverse=True)
     if not (path := readable([folder / LAST, *others])):
         raise UserError(
             f"nothing to resume: the newest run {run} has no checkpoint (it stopped before its first one); "

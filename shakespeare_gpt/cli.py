@@ -108,7 +108,7 @@ class ShakespeareCLI(LightningCLI):
         self.resumed_run = (
             checkpoints.resolve(config, subcommand, args) if subcommand and config.get("ckpt_path") else None
         )
-        if subcommand == "predict":  # samples go beside the checkpoint's run, unless told where
+        if subcommand == "predict":  # by default beside the checkpoint's run, where that can be written
             config.writer.path = config.writer.path or str(checkpoints.samples_file(config.get("ckpt_path")))
             check_writable(Path(config.writer.path), "--writer.path", folder=False)
 
@@ -132,7 +132,14 @@ class ShakespeareCLI(LightningCLI):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
             config.trainer.logger = False
-        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock(), RunSummary()]
+        logger = config.trainer.get("logger")
+        fresh = (  # a new version_N folder of TensorBoard's, holding its checkpoints: RunLock may remove it
+            isinstance(logger, Namespace)
+            and str(logger.get("class_path")).endswith(("TensorBoard", "TensorBoardLogger"))
+            and logger.init_args.get("version") is None
+            and not config.get("checkpoint", Namespace()).get("dirpath")
+        )
+        callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock(fresh=fresh), RunSummary()]
         if not bar and config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         if config.trainer.get("logger") not in (False, None):  # the learning-rate curve and samples need a logger

@@ -173,7 +173,7 @@ def read_corpus(corpus: str, sha256: str | None = None, cache_dir: str | Path = 
     return "".join(text_chunks(corpus_file(corpus, cache_dir)))
 
 
-def stretch(path: Path, start: int, end: int) -> Iterator[str]:
+def chars_between(path: Path, start: int, end: int) -> Iterator[str]:
     """Characters ``start`` to ``end`` of the corpus file ``path``, a chunk at a time."""
     at = 0
     for text in text_chunks(path):
@@ -206,10 +206,10 @@ def encode(pieces: Iterator[str], tokenizer, cache: Path | None = None) -> tuple
                 files[0].write(ids.to(dtype).numpy().tobytes())
                 if chars is not None:
                     files[1].write(chars.to(torch.int32).numpy().tobytes())
-    return mapped(cache, dtype), mapped(counts, torch.int32) if counts.exists() else None
+    return memory_mapped(cache, dtype), memory_mapped(counts, torch.int32) if counts.exists() else None
 
 
-def mapped(path: Path, dtype: torch.dtype) -> torch.Tensor:
+def memory_mapped(path: Path, dtype: torch.dtype) -> torch.Tensor:
     """The array of ``dtype`` in the file ``path``, memory-mapped: read from disk as it is used."""
     return torch.from_file(str(path), shared=False, size=path.stat().st_size // dtype.itemsize, dtype=dtype)
 
@@ -334,7 +334,7 @@ class ValWindows(Dataset):
         total = regular + ((regular - 1) * stride + T < n_targets)  # and one that ends at the last token
         rows = torch.arange(total)  # the windows kept: all, or evenly spread ones (only these are built)
         if max_targets is not None and n_targets > max_targets:
-            rows = torch.linspace(0, total - 1, -(-max_targets // (T - stride))).round().long().unique()
+            rows = torch.linspace(0, total - 1, -(-max_targets // stride)).round().long().unique()  # stride each
         starts = torch.where(rows < regular, rows * stride, n_targets - T)
         # How many of each window's first targets an earlier window scored: none for the first,
         # the overlap with the window before it for the others.
@@ -361,7 +361,7 @@ class ValWindows(Dataset):
 
 
 class ShakespeareDataModule(L.LightningDataModule):
-    """A corpus as tokens: random train windows, a full pass over the val split, prompts to predict.
+    """A corpus as tokens: random train windows, a deterministic pass over the val split, prompts to predict.
 
     The first 90% of the characters train, the last 10% validate, whatever the text and the
     tokenizer: each split is encoded on its own, so every model sees the same two texts.
@@ -371,8 +371,8 @@ class ShakespeareDataModule(L.LightningDataModule):
             text file of your own, or an http(s) URL to download it from.
         sha256: checksum the corpus file must have (checked when given; the bundled corpus
             always checks its own).
-        cache_dir: where a corpus given by URL is downloaded to, and a corpus longer than 16 MB is
-            encoded to (a byte or two per character, once per tokenizer).
+        cache_dir: where a corpus given by URL is downloaded to, and a corpus of more than 16 M
+            characters is encoded to (a byte or two per character, once per tokenizer).
         block_size: context length; the CLI links it from ``--model.block_size``.
         batch_size: training windows per step.
         val_batch_size: windows per validation batch (default: ``batch_size``).
@@ -446,7 +446,7 @@ class ShakespeareDataModule(L.LightningDataModule):
             if cache is not None:
                 check_writable(cache.parent, "--data.cache_dir")
             try:
-                ids, chars = encode(stretch(path, start, end), tokenizer, cache)
+                ids, chars = encode(chars_between(path, start, end), tokenizer, cache)
             except UserError as e:
                 raise UserError(f"the corpus {self.corpus} does not fit the model: {e}") from None
             except OSError as e:

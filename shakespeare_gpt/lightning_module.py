@@ -172,8 +172,8 @@ class LanguageModel(L.LightningModule):
     def predict_step(self, batch: Sampling | None, batch_idx: int) -> list[str]:
         """Samples drawn as ``batch``, the ``--sample.*`` settings for this batch of them, asks (None: the defaults).
 
-        One random generator, seeded at the first batch, draws every batch: the first samples of a
-        run are the same whatever ``num_samples``.
+        One random generator, seeded at the first batch, draws every batch: a first batch is the
+        same whatever the batches after it.
         """
         batch = batch or Sampling()
         if batch_idx == 0:

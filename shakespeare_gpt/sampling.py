@@ -31,6 +31,8 @@ class Sampling:
         batch_size: samples drawn at once; each batch is printed when it is done.
     """
 
+    # Plain types, checked together by ``check`` against the model's vocabulary: every bad setting is
+    # then named in one line (jsonargparse's restricted types stop at the first).
     prompt: str | None = None
     num_samples: int = 1
     max_new_tokens: int = 500

@@ -192,3 +192,29 @@ def test_a_checkpoint_that_cannot_be_written_is_one_line_and_the_earlier_one_sta
         "checkpoints already there are intact; free some space, then resume with --ckpt_path last"
     )
     assert {p.name: p.read_bytes() for p in checkpoints.iterdir()} == before  # no .part file left either
+
+
+@pytest.mark.parametrize("logger", ["default", "none"])
+def test_a_run_stopped_before_its_first_checkpoint_is_removed_and_nothing_else_is(
+    logger, corpus_dir, tmp_path, monkeypatch, capsys
+):
+    from shakespeare_gpt.lightning_module import ShakespeareGPT
+
+    def interrupted(self, batch, batch_idx):
+        raise KeyboardInterrupt  # as a second Ctrl-C does, in the first step
+
+    monkeypatch.setattr(ShakespeareGPT, "training_step", interrupted)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "mine.txt").write_text("the user's")
+    flags = ["--trainer.logger=false"] if logger == "none" else []
+    with pytest.raises(SystemExit):
+        cli_main([*tiny_fit_args(corpus_dir, 4), *flags])
+    assert (tmp_path / "mine.txt").read_text() == "the user's" and corpus_dir.is_dir()
+    if logger == "default":  # its own new version_0, which held nothing to resume
+        assert not (tmp_path / "lightning_logs" / "version_0").exists()
+        assert (
+            "removed lightning_logs/version_0: the run was stopped before its first checkpoint"
+            in capsys.readouterr().err
+        )
+    else:  # the run's folder is the current one: never removed
+        assert "removed" not in capsys.readouterr().err

@@ -253,3 +253,5 @@ def test_a_large_val_split_is_scored_in_evenly_spread_windows_every_time_the_sam
     for a, b in zip(full.__getitems__(rows), part.__getitems__(list(range(5))), strict=True):
         assert torch.equal(a, b)
     assert ValWindows(data_, 16, max_targets=10_000).targets == 10_000  # not more than the cap: the full pass
+    for T in (1, 3, 5, 16):  # each window after the first scores T // 2 targets (1 for T = 1): the cap holds
+        assert 1000 <= ValWindows(data_, T, max_targets=1000).targets < 1000 + T
