@@ -23,7 +23,7 @@ from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
 from lightning.pytorch.utilities.rank_zero import rank_zero_warn
 
-from .checkpoints import lock_run
+from .checkpoints import lock_run, samples_file
 from .sampling import Sampling
 from .utils import NonFiniteLossError, atomic_open
 
@@ -31,6 +31,11 @@ from .utils import NonFiniteLossError, atomic_open
 def fitting(trainer) -> bool:
     """Whether ``trainer`` is in ``fit`` proper (not its sanity check)."""
     return trainer.state.fn == TrainerFn.FITTING and not trainer.sanity_checking
+
+
+def at_last_step(trainer) -> bool:
+    """Whether ``trainer`` has done the run's last step (``max_steps``)."""
+    return 0 < trainer.max_steps <= trainer.global_step
 
 
 class SampleWriter(Callback):
@@ -45,7 +50,7 @@ class SampleWriter(Callback):
     """
 
     def __init__(self, path: str | None = None) -> None:
-        self.path = Path(path or "lightning_logs/samples.txt")
+        self.path = Path(path) if path else samples_file(None)
         self.samples: list[str] = []
 
     def on_predict_start(self, trainer, pl_module) -> None:
@@ -284,15 +289,14 @@ class InterruptCheckpoint(Callback):
             return  # already stopping
         self.signum = signum
         again = " (Ctrl-C again: stop now, no save)" if signum == signal.SIGINT else ""
-        last = self.trainer.max_steps > 0 and self.trainer.global_step >= self.trainer.max_steps
-        when = "now" if self.trainer.validating and not last else "after this step"
+        when = "now" if self.trainer.validating and not at_last_step(self.trainer) else "after this step"
         sys.stderr.write(f"\n{signal.Signals(signum).name}: stopping {when} and saving last.ckpt{again}\n")
 
     def _signalled(self, trainer) -> bool:
         # Asked on every process (one may have seen the signal and another not yet), so that all
         # of them stop at the same point. The last step is finished whatever happens.
         signalled = trainer.strategy.reduce_boolean_decision(self.signum is not None, all=False)
-        return signalled and not (trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps)
+        return signalled and not at_last_step(trainer)
 
     def _stop_if_signalled(self, trainer) -> None:
         if self._signalled(trainer) and callable(self.lightning_handler):
@@ -411,7 +415,7 @@ class RunSummary(Callback):
         self.best = state_dict["best"]
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx: int) -> None:
-        if trainer.max_steps > 0 and trainer.global_step >= trainer.max_steps:
+        if at_last_step(trainer):
             trainer.should_stop = True
 
     def on_validation_end(self, trainer, pl_module) -> None:

@@ -171,14 +171,11 @@ def resume(config: Namespace) -> tuple[Path, Path | None]:
     found here and the logger is pointed at it, and its TensorBoard curves are told to drop
     whatever was logged after the checkpoint (steps a ``kill -9`` lost), so each step stays once.
     """
-    dirpath, logger = config.checkpoint.get("dirpath"), config.trainer.get("logger")
-    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(
-        ("TensorBoard", "TensorBoardLogger")
-    )
-    if dirpath or not tensorboard:
+    if not in_version_folders(config):
+        dirpath = config.get("checkpoint", Namespace()).get("dirpath")
         folder = Path(dirpath or config.trainer.get("default_root_dir") or ".", "" if dirpath else "checkpoints")
         return _last_checkpoint(folder, folder), None
-    args = logger.init_args
+    args = config.trainer.logger.init_args
     root = Path(args.save_dir) / (args.get("name") or "")
     if args.get("version") is not None:
         run = root / (args.version if isinstance(args.version, str) else f"version_{args.version}")
@@ -192,6 +189,15 @@ def resume(config: Namespace) -> tuple[Path, Path | None]:
     path = _last_checkpoint(run / "checkpoints", run)
     args.purge_step = read_checkpoint(path)["global_step"]
     return path, run
+
+
+def in_version_folders(config: Namespace) -> bool:
+    """Whether a ``fit`` of ``config`` writes into TensorBoard's ``version_N`` folders, its checkpoints with it."""
+    logger = config.trainer.get("logger")
+    tensorboard = isinstance(logger, Namespace) and str(logger.get("class_path")).endswith(
+        ("TensorBoard", "TensorBoardLogger")
+    )
+    return tensorboard and not config.get("checkpoint", Namespace()).get("dirpath")
 
 
 def _last_checkpoint(folder: Path, run: Path) -> Path:

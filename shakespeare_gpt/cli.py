@@ -132,13 +132,8 @@ class ShakespeareCLI(LightningCLI):
             # A number or samples, printed: nothing to chart, and no new run folder (a config shared with fit
             # may still name its logger).
             config.trainer.logger = False
-        logger = config.trainer.get("logger")
-        fresh = (  # a new version_N folder of TensorBoard's, holding its checkpoints: RunLock may remove it
-            isinstance(logger, Namespace)
-            and str(logger.get("class_path")).endswith(("TensorBoard", "TensorBoardLogger"))
-            and logger.init_args.get("version") is None
-            and not config.get("checkpoint", Namespace()).get("dirpath")
-        )
+        # A new version_N folder, holding its checkpoints, is one RunLock may remove.
+        fresh = checkpoints.in_version_folders(config) and config.trainer.logger.init_args.get("version") is None
         callbacks = [InterruptCheckpoint(), StopOnNonFiniteLoss(), RandomState(), RunLock(fresh=fresh), RunSummary()]
         if not bar and config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())

@@ -461,11 +461,6 @@ class ShakespeareDataModule(L.LightningDataModule):
                 )
             setattr(self, f"{name}_data", ids.to(device))
             setattr(self, f"{name}_chars", None if chars is None else chars.to(device))
-        if (windows := self.val_windows(self.val_data, self.val_chars)).targets < len(self.val_data) - 1:
-            rank_zero_info(
-                f"validation: {windows.targets:,} of the val split's {len(self.val_data) - 1:,} tokens, in "
-                f"{len(windows):,} evenly spread windows (--data.val_tokens null: all of them)"
-            )
 
     def train_dataloader(self) -> DataLoader:
         windows = TrainWindows(self.train_data, self.block_size)
@@ -487,6 +482,11 @@ class ShakespeareDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader | list[DataLoader]:
         val = self._eval_loader(self.val_data, self.val_chars)
+        if (windows := val.dataset).targets < len(self.val_data) - 1:
+            rank_zero_info(
+                f"validation: {windows.targets:,} of the val split's {len(self.val_data) - 1:,} tokens, in "
+                f"{len(windows):,} evenly spread windows (--data.val_tokens null: all of them)"
+            )
         if not self.eval_train:
             return val
         # The same pass over a stretch of train text as long as the val split: with dropout off,
@@ -498,11 +498,8 @@ class ShakespeareDataModule(L.LightningDataModule):
         # Tiny Shakespeare has no separate test split; "test" reports on the val split.
         return self._eval_loader(self.val_data, self.val_chars)
 
-    def val_windows(self, data: torch.Tensor, chars: torch.Tensor | None) -> ValWindows:
-        return ValWindows(data, self.block_size, chars, self.val_tokens)
-
     def _eval_loader(self, data: torch.Tensor, chars: torch.Tensor | None) -> DataLoader:
-        windows = self.val_windows(data, chars)
+        windows = ValWindows(data, self.block_size, chars, self.val_tokens)
         return DataLoader(windows, batch_size=self.val_batch_size, shuffle=False, collate_fn=_batch_as_is)
 
     def predict_dataloader(self) -> DataLoader:
