@@ -15,17 +15,19 @@ import threading
 import time
 from pathlib import Path
 
+import numpy
 import torch
 from lightning.fabric.utilities.throughput import get_available_flops
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.trainer.states import TrainerFn
 from lightning.pytorch.utilities.exceptions import SIGTERMException
-from lightning.pytorch.utilities.rank_zero import rank_zero_warn
+from lightning.pytorch.utilities.rank_zero import rank_zero_info, rank_zero_warn
 
 from .checkpoints import lock_run, samples_file
+from .pictures import attention_image, axis_label, char_kind, char_name
 from .sampling import Sampling
-from .utils import NonFiniteLossError, atomic_open
+from .utils import NonFiniteLossError, UserError, atomic_open, check_writable
 
 
 def fitting(trainer) -> bool:
@@ -39,10 +41,17 @@ def at_last_step(trainer) -> bool:
 
 
 class SampleWriter(Callback):
-    """Prints every predicted sample to stdout and writes them all to one text file.
+    """Prints the predicted samples to stdout as they are drawn, and writes them all to one text file.
 
-    The file is written under a temporary name and renamed when complete, so an interrupted
-    run never leaves a half-written file behind.
+    Samples are drawn in batches (``--sample.batch_size``): the first of each batch is printed as
+    ``generate`` draws it, token by token (through the module's ``on_token``), the others, drawn
+    alongside it, when the batch is done. stdout is flushed after each piece, so a pipe or a
+    file gets the text as it comes. The text file gets the same text, written under a temporary
+    name and renamed when complete, so an interrupted run never leaves a half-written file behind.
+
+    Ctrl-C (SIGINT) or SIGTERM stops the sampling at once: the file then holds what was printed (the
+    finished samples and the start of the one being drawn), and the exit status is 128 + the signal
+    number (130, 143), as a shell reports a process a signal ended.
 
     Args:
         path: the text file the samples are written to (replaced on each predict run); by default
@@ -51,25 +60,86 @@ class SampleWriter(Callback):
 
     def __init__(self, path: str | None = None) -> None:
         self.path = Path(path) if path else samples_file(None)
-        self.samples: list[str] = []
+        self.samples: list[str] = []  # the samples printed whole
+        self.partial: str | None = None  # the text printed so far of the sample being drawn
+        self.window = (0, 0)  # where its last piece printed starts and ends, in tokens
+        self.signum: int | None = None
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # The samples show the progress; a progress bar would draw on stdout, among them.
+        if trainer.progress_bar_callback is not None:
+            trainer.progress_bar_callback.disable()
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.samples = []
+        self.samples, self.partial, self.signum = [], None, None
+        self.decode = pl_module.tokenizer.decode
+        pl_module.on_token = self.stream  # what predict_step hands to generate
+        if threading.current_thread() is threading.main_thread():  # Lightning puts back the handlers it found
+            signal.signal(signal.SIGINT, self._on_signal)  # when predict ends, however it ends
+            signal.signal(signal.SIGTERM, self._on_signal)
+
+    def _on_signal(self, signum: int, frame) -> None:
+        # Lightning 2.6 would end a KeyboardInterrupt with exit status 1, and ignores SIGTERM in predict.
+        self.signum = signum
+        raise SIGTERMException(128 + signum)
+
+    @staticmethod
+    def show(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
+        self.partial, self.window = "", (0, 0)
+        self.show(f"----- sample {len(self.samples) + 1} -----\n")
+
+    def stream(self, idx: torch.Tensor) -> None:
+        """Prints what the new tokens add to the batch's first sample: the ``on_token`` of ``sampling.generate``.
+
+        Each step decodes only the tokens of the last piece printed, alone and followed by the new ones
+        (as Hugging Face's text-generation-inference does): the difference is the new text, a leading
+        space included, and a character split across tokens (a byte-level BPE's) is printed once whole.
+        """
+        start, end = self.window
+        ids = idx[0, start:].tolist()
+        before, text = self.decode(ids[: end - start]), self.decode(ids)
+        if len(text) > len(before) and not text.endswith("\ufffd"):
+            piece = text[len(before) :]
+            self.partial += piece
+            self.show(piece)
+            self.window = (end, idx.size(1))
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: list[str], batch, batch_idx, dataloader_idx=0):
-        for text in outputs:
+        first, *others = outputs
+        self.show(first[len(self.partial) :] + "\n")
+        self.samples.append(first)
+        self.partial = None
+        for text in others:
             self.samples.append(text)
-            sys.stdout.write(f"----- sample {len(self.samples)} -----\n{text}\n")
-        sys.stdout.flush()
+            self.show(f"----- sample {len(self.samples)} -----\n{text}\n")
         if (batches := trainer.num_predict_batches[0]) > 1:  # progress, apart from the samples
             sys.stderr.write(f"batch {batch_idx + 1} of {batches}: {len(self.samples)} samples drawn\n")
 
+    def save(self, samples: list[str]) -> None:
+        with atomic_open(self.path) as f:
+            f.writelines(f"----- sample {i} -----\n{text}\n" for i, text in enumerate(samples, 1))
+
     def on_predict_end(self, trainer, pl_module) -> None:
+        pl_module.on_token = None
         if not trainer.is_global_zero:
             return
-        with atomic_open(self.path) as f:
-            f.writelines(f"----- sample {i} -----\n{text}\n" for i, text in enumerate(self.samples, 1))
+        self.save(self.samples)
         sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        if self.signum is None or not trainer.is_global_zero:
+            return
+        start = ""
+        if self.partial is not None:
+            self.show("\n")  # the partial sample ends as the file's does
+            start = f" and the start of sample {len(self.samples) + 1}"
+        self.save(self.samples + ([] if self.partial is None else [self.partial]))
+        name = signal.Signals(self.signum).name
+        sys.stderr.write(f"interrupted by {name}: wrote {len(self.samples)} sample(s){start} to {self.path}\n")
 
 
 class TextSample(Callback):
@@ -93,6 +163,88 @@ class TextSample(Callback):
         text = pl_module.tokenizer.decode(pl_module.generate(start, tokens, generator=g)[0].tolist())
         # Four leading spaces make TensorBoard's markdown keep the line breaks.
         logger.experiment.add_text("sample", "\n".join("    " + line for line in text.split("\n")), trainer.global_step)
+
+
+class AttentionMaps(Callback):
+    """Pictures of what the model attends to: every layer's attention weights for one prompt, its heads side by side.
+
+    In ``fit``, after each validation, one image per layer goes to TensorBoard's Images tab
+    (``attention/layer_<n>``), drawn by ``pictures.attention_image``. The weights come from an evaluation
+    pass through the written-out softmax (``GPT.attention_maps``) whichever kernel trains, so a training
+    step pays nothing for them. In ``predict``, ``png`` names a file to draw them into.
+
+    Args:
+        enabled: fit: draw them at each validation.
+        prompt: the text drawn, cut to the model's block size. By default, in fit the val split's first
+            characters (the same at every validation), in predict the sampling prompt.
+        png: predict: draw the maps of every layer into this PNG file (and print its path).
+    """
+
+    def __init__(self, enabled: bool = True, prompt: str | None = None, png: str | None = None) -> None:
+        self.enabled, self.prompt, self.png = enabled, prompt, png
+        self.absent_said = False
+
+    def check(self, tokenizer) -> None:
+        """Refuse, in one line and before anything is written, a prompt the model cannot read or an unwritable PNG."""
+        if self.prompt:
+            try:
+                tokenizer.encode(self.prompt)
+            except UserError as e:
+                raise UserError(f"--attention_maps.prompt {self.prompt!r}: {e}") from None
+        if self.png:
+            check_writable(Path(self.png), "--attention_maps.png", folder=False)
+
+    def maps(self, pl_module, default: torch.Tensor) -> tuple[torch.Tensor, list[str]] | None:
+        """The (n_layer, n_head, T, T) maps of the prompt (else ``default``, token ids) and a label per position."""
+        ids = torch.tensor(pl_module.tokenizer.encode(self.prompt)) if self.prompt else default
+        ids = ids[None, : pl_module.hparams.get("block_size")].long().to(pl_module.device)
+        if (maps := pl_module.attention_maps(ids)) is None:
+            if not self.absent_said:
+                name = type(pl_module).__name__
+                rank_zero_info(f"attention maps: none drawn, this {name} has no attention weights to show")
+            self.absent_said = True
+            return None
+        return maps[:, 0], [axis_label(pl_module.tokenizer.decode([i])) for i in ids[0].tolist()]
+
+    def on_validation_end(self, trainer, pl_module) -> None:
+        logger = trainer.logger
+        if not (self.enabled and fitting(trainer) and trainer.is_global_zero and isinstance(logger, TensorBoardLogger)):
+            return
+        if (drawn := self.maps(pl_module, trainer.datamodule.val_data)) is None:
+            return
+        (maps, labels), step = drawn, trainer.global_step
+        for layer in range(len(maps)):
+            image = numpy.asarray(attention_image(maps[layer : layer + 1], labels, f"step {step}", first_layer=layer))
+            logger.experiment.add_image(f"attention/layer_{layer}", image, step, dataformats="HWC")
+
+    def on_predict_start(self, trainer, pl_module) -> None:
+        if self.png is None or not trainer.is_global_zero:
+            return
+        if (drawn := self.maps(pl_module, trainer.datamodule.sampling.encode(pl_module.tokenizer, 1)[0])) is not None:
+            with atomic_open(Path(self.png), "wb") as f:
+                attention_image(*drawn, "rows: queries, columns: keys").save(f, format="png")
+            sys.stdout.write(f"wrote the attention maps to {self.png}\n")
+
+
+class EmbeddingProjector(Callback):
+    """At the end of ``fit``, the character model's token embeddings go to TensorBoard's Projector tab.
+
+    Each point is named by its character, spelt out where it is invisible (newline, space), with its
+    kind (vowel, capital consonant, punctuation, ...) to colour the points by: with "Color by: kind", a
+    learner sees which characters the model has learned to treat alike.
+    """
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        vocab, logger = pl_module.hparams.get("vocab"), trainer.logger
+        if not vocab or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+            return  # a pretrained model's 50,000 tokens are not what this view is for
+        logger.experiment.add_embedding(
+            pl_module.model.tok_emb.weight.detach().float().cpu(),
+            metadata=[[char_name(c), char_kind(c)] for c in vocab],
+            metadata_header=["character", "kind"],
+            global_step=trainer.global_step,
+            tag="token_embeddings",
+        )
 
 
 class TensorBoard(TensorBoardLogger):
@@ -322,8 +474,8 @@ class InterruptCheckpoint(Callback):
             self._save(trainer, pl_module)
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
-        if not isinstance(exception, SIGTERMException):
-            return
+        if not isinstance(exception, SIGTERMException) or trainer.state.fn != TrainerFn.FITTING:
+            return  # predict's signals are SampleWriter's
         name = signal.Signals(signum := self.signum or signal.SIGTERM).name
         exception.code = 128 + signum
         if self.lightning_handler is None:

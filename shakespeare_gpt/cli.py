@@ -23,6 +23,8 @@ from lightning.pytorch.utilities.exceptions import MisconfigurationException
 
 from . import checkpoints
 from .callbacks import (
+    AttentionMaps,
+    EmbeddingProjector,
     InterruptCheckpoint,
     RandomState,
     RunLock,
@@ -94,6 +96,8 @@ class ShakespeareCLI(LightningCLI):
                 }
             )
             parser.add_lightning_class_args(Throughput, "throughput")
+        if subcommand in ("fit", "predict"):
+            parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         if subcommand == "predict":
             parser.add_class_arguments(Sampling, "sample")
             parser.add_lightning_class_args(SampleWriter, "writer")
@@ -138,7 +142,7 @@ class ShakespeareCLI(LightningCLI):
         if not bar and config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         if config.trainer.get("logger") not in (False, None):  # the learning-rate curve and samples need a logger
-            callbacks += [LearningRateMonitor(logging_interval="step"), TextSample()]
+            callbacks += [LearningRateMonitor(logging_interval="step"), TextSample(), EmbeddingProjector()]
         self.trainer_defaults["callbacks"] = callbacks
 
     def instantiate_classes(self) -> None:
@@ -172,6 +176,9 @@ class ShakespeareCLI(LightningCLI):
                 + (f"characters not in its vocabulary: {unknown!r}" if unknown else "it lacks some of its characters")
                 + "; resume the run on the corpus it was trained on"
             )
+        for callback in self.trainer.callbacks:
+            if isinstance(callback, AttentionMaps):
+                callback.check(self.model.tokenizer)
         if self.resumed_run is not None and rank_zero_only.rank == 0:  # every check passed: the run is ours
             run_lock = next(c for c in self.trainer.callbacks if isinstance(c, RunLock))
             run_lock.handle = checkpoints.lock_run(self.resumed_run)

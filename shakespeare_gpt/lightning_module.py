@@ -85,7 +85,8 @@ class LanguageModel(L.LightningModule):
     sampling in ``predict``.
 
     A subclass sets ``self.tokenizer`` (``encode``, ``decode``, ``len``, ``encode_with_chars``) and
-    defines ``logits`` and ``generate``; it saves its settings with ``save_settings``.
+    defines ``logits`` and ``generate``; it saves its settings with ``save_settings``. In ``predict``,
+    ``on_token`` (set by ``callbacks.SampleWriter``) sees the tokens of each batch as they are drawn.
 
     Bits per character (``val/bpc``): the val split's total negative log-likelihood in bits
     divided by the number of characters it covers. The data's ``ValWindows`` score every token
@@ -97,6 +98,7 @@ class LanguageModel(L.LightningModule):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
+        self.on_token = None  # predict_step hands it to ``generate``: see ``sampling.generate``
         # Sums over the pass, synchronised across processes: nats, scored tokens, their characters. A NaN
         # stays a NaN (torchmetrics would drop it, and a broken run would log a val loss of 0).
         self.eval_sums = torch.nn.ModuleDict(
@@ -117,9 +119,16 @@ class LanguageModel(L.LightningModule):
         """(B, T, vocab) next-token logits for (B, T) token ids."""
         raise NotImplementedError
 
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None) -> torch.Tensor:
-        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens."""
+    def generate(
+        self, idx, max_new_tokens, temperature=1.0, top_k=None, top_p=1.0, generator=None, on_token=None
+    ) -> torch.Tensor:
+        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens: ``sampling.generate``'s arguments."""
         raise NotImplementedError
+
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor | None:
+        """(n_layer, B, n_head, T, T) attention weights for (B, T) token ids; None where the model hides them
+        (a fused attention kernel never forms them)."""
+        return None
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         """Mean cross-entropy, in nats per token, over the targets that are not -1."""
@@ -179,7 +188,8 @@ class LanguageModel(L.LightningModule):
         if batch_idx == 0:
             self.sample_generator = torch.Generator(device=self.device).manual_seed(batch.seed)
         idx = batch.encode(self.tokenizer).to(self.device)
-        out = self.generate(idx, batch.max_new_tokens, batch.temperature, batch.top_k, self.sample_generator)
+        settings = (batch.temperature, batch.top_k, batch.top_p, self.sample_generator)
+        out = self.generate(idx, batch.max_new_tokens, *settings, on_token=self.on_token)
         return [self.tokenizer.decode(row) for row in out.tolist()]
 
     def configure_optimizers(self):
@@ -255,6 +265,9 @@ class ShakespeareGPT(LanguageModel):
 
     def logits(self, x: torch.Tensor) -> torch.Tensor:
         return (self.compiled_forward or self.model)(x)[0]
+
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor | None:
+        return self.model.attention_maps(idx) if self.config.n_layer else None  # the bigram model has none
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
         x, y = batch[0], batch[1]

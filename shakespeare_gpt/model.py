@@ -166,7 +166,7 @@ class CausalSelfAttention(nn.Module):
                 att = att + mask
             # In float32 even under bf16 autocast (where softmax would stay in bf16), as fused kernels do.
             att = F.softmax(att, dim=-1, dtype=torch.float32).to(q.dtype)
-            # A forward hook on attn_dropout sees these weights, for whoever wants to plot them.
+            # A forward hook on attn_dropout sees these weights: GPT.attention_maps draws them that way.
             y = self.attn_dropout(att) @ v  # (B, nh, T, hs)
         y = y.transpose(1, 2).contiguous().view(B, T, C)  # re-assemble the heads side by side
         return self.resid_dropout(self.proj(y))
@@ -270,6 +270,30 @@ class GPT(nn.Module):
         matrices = sum(p.numel() for p in self.parameters() if p.dim() == 2)  # a tied matrix counts once
         lookups = self.pos_emb.weight.numel() + (0 if cfg.tie_weights else self.tok_emb.weight.numel())
         return 6 * (matrices - lookups) + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+
+    @torch.no_grad()
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """(n_layer, B, n_head, T, T) attention weights of every layer and head for ``idx`` (B, T), at evaluation.
+
+        Computed through the written-out softmax whichever kernel the model trains with (a fused kernel
+        never forms the weights): each layer is switched to ``explicit`` for this one pass, and a forward
+        hook on its ``attn_dropout`` reads the weights. Row i is query i's weights over keys 0 .. i: it sums
+        to 1, and the keys after i get exactly 0.
+        """
+        maps, attns = [], [block.attn for block in self.blocks]
+        hooks = [a.attn_dropout.register_forward_hook(lambda m, args, out: maps.append(args[0].float())) for a in attns]
+        kernels, was_training = [a.attention for a in attns], self.training
+        self.eval()
+        try:
+            for a in attns:
+                a.attention = "explicit"
+            self(idx)
+        finally:
+            for a, kernel, hook in zip(attns, kernels, hooks, strict=True):
+                a.attention = kernel
+                hook.remove()
+            self.train(was_training)
+        return torch.stack(maps)
 
     def new_cache(self) -> list[KVCache]:
         """An empty KV cache for each block, for ``forward(..., cache=...)``."""

@@ -22,6 +22,7 @@ import logging
 import os
 import socket
 import urllib.parse
+from collections.abc import Callable
 from dataclasses import asdict
 from pathlib import Path
 
@@ -286,9 +287,11 @@ class PretrainedLM(LanguageModel):
         max_new_tokens: int,
         temperature: float = 1.0,
         top_k: int | None = None,
+        top_p: float = 1.0,
         generator: torch.Generator | None = None,
+        on_token: Callable[[torch.Tensor], None] | None = None,
     ) -> torch.Tensor:
-        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens.
+        """Extend each row of ``idx`` (B, T) by ``max_new_tokens`` sampled tokens: ``sampling.generate``'s arguments.
 
         The same draw as the character model's (``sampling.sample_next``), with the model's own
         key-value cache. Past the model's context, each step reads the last ``context`` tokens
@@ -307,7 +310,9 @@ class PretrainedLM(LanguageModel):
                 else:
                     out = self.model(input_ids=idx[:, -1:], use_cache=True, **{self.cache_name: past})
                 past = getattr(out, self.cache_name)
-                idx = torch.cat((idx, sample_next(out.logits[:, -1, :], temperature, top_k, generator)), dim=1)
+                idx = torch.cat((idx, sample_next(out.logits[:, -1, :], temperature, top_k, top_p, generator)), dim=1)
+                if on_token is not None:
+                    on_token(idx)
         finally:
             self.model.train(was_training)
         return idx

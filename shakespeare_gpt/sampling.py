@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
@@ -27,8 +27,11 @@ class Sampling:
         max_new_tokens: tokens generated after the prompt (characters, for the character model).
         temperature: > 0; below 1 is more conservative, above 1 more random.
         top_k: sample among the k most likely tokens only (1 is greedy); null, or more than the vocabulary, for all.
+        top_p: nucleus sampling, after temperature and top_k: sample among the fewest most likely tokens whose
+            probabilities add up to at least p (0 < p <= 1; 1 for all).
         seed: seed of the sampling random generator, so a predict run can be repeated exactly.
-        batch_size: samples drawn at once; each batch is printed when it is done.
+        batch_size: samples drawn at once; the first of each batch is printed as it is drawn, the others
+            when the batch is done.
     """
 
     # Plain types, checked together by ``check`` against the model's vocabulary: every bad setting is
@@ -38,6 +41,7 @@ class Sampling:
     max_new_tokens: int = 500
     temperature: float = 1.0
     top_k: int | None = None
+    top_p: float = 1.0
     seed: int = 1337
     batch_size: int = 64
 
@@ -49,6 +53,7 @@ class Sampling:
             "max_new_tokens": (self.max_new_tokens >= 0, "give 0 or more"),
             "temperature": (self.temperature > 0, "give a number above 0"),
             "top_k": (self.top_k is None or self.top_k >= 1, "give 1 or more, or null for all"),
+            "top_p": (0 < self.top_p <= 1, "give a number above 0 and at most 1 (1 for all)"),
             "batch_size": (self.batch_size >= 1, "give 1 or more"),
         }
         problems = [f"--sample.{name} {getattr(self, name)!r}: {fix}" for name, (ok, fix) in rules.items() if not ok]
@@ -131,14 +136,23 @@ def split_matrix_products(model: nn.Module) -> Iterator[None]:
 
 
 def sample_next(
-    logits: torch.Tensor, temperature: float, top_k: int | None, generator: torch.Generator | None
+    logits: torch.Tensor,
+    temperature: float,
+    top_k: int | None,
+    top_p: float,
+    generator: torch.Generator | None,
 ) -> torch.Tensor:
-    """(B, 1) next tokens drawn from (B, vocab) logits, divided by ``temperature``, among the ``top_k`` likeliest."""
+    """(B, 1) next tokens drawn from (B, vocab) logits, divided by ``temperature``, among the ``top_k`` likeliest,
+    then among the fewest likeliest whose probabilities add up to ``top_p`` (the token that reaches it included)."""
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.size(-1)), dim=-1).values[:, [-1]]
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits.float(), dim=-1)
+    if top_p < 1:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)
+        before = sorted_probs.cumsum(dim=-1) - sorted_probs  # the mass of the likelier tokens
+        probs = probs.scatter(-1, order, sorted_probs.masked_fill(before >= top_p, 0.0))
     return torch.multinomial(probs, num_samples=1, generator=generator)
 
 
@@ -149,8 +163,10 @@ def generate(
     max_new_tokens: int,
     temperature: float = 1.0,
     top_k: int | None = None,
+    top_p: float = 1.0,
     generator: torch.Generator | None = None,
     use_cache: bool = True,
+    on_token: Callable[[torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """Extend each row of ``idx`` by ``max_new_tokens`` sampled characters.
 
@@ -163,8 +179,11 @@ def generate(
         max_new_tokens: how many characters to add.
         temperature: divides the logits; below 1 is more conservative, above 1 more random.
         top_k: sample only among the k most likely characters (1 is greedy decoding).
+        top_p: then only among the fewest most likely characters whose probabilities add up to ``top_p`` (1: all).
         generator: random source, for reproducible samples.
         use_cache: keep each layer's keys and values so every step computes only the new token.
+        on_token: called after each step with the (B, T + steps so far) indices (``predict`` prints
+            them as they come); it must not change them.
 
     Returns:
         (B, T + max_new_tokens) indices: the prompt followed by the sample.
@@ -184,7 +203,9 @@ def generate(
                     logits, _ = model(idx[:, start:], cache=cache)
                 else:
                     logits, _ = model(idx[:, -1:], cache=cache)
-                idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, generator)), dim=1)
+                idx = torch.cat((idx, sample_next(logits[:, -1, :], temperature, top_k, top_p, generator)), dim=1)
+                if on_token is not None:
+                    on_token(idx)
     finally:
         model.train(was_training)
     return idx

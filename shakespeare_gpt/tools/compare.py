@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 from jsonargparse import ArgumentError, ArgumentParser
-from jsonargparse.typing import PositiveFloat, PositiveInt
+from jsonargparse.typing import PositiveFloat, PositiveInt, restricted_number_type
 
 from ..checkpoints import PRETRAINED_MODEL, best_checkpoint, read_checkpoint
 from ..cli import REFUSED, build
@@ -36,6 +36,7 @@ from . import WindowLength
 PROG = "python -m shakespeare_gpt.tools.compare"
 REPEATS = 3  # timed generations of each sample
 COUNTS = ("num_samples", "batch_size")  # how many samples, and how many at once: not what a sample is
+TopP = restricted_number_type("TopP", float, [(">", 0), ("<=", 1)])
 
 
 @dataclass
@@ -99,12 +100,13 @@ def evaluate(label: str, spec: str, corpus: str, accelerator: str, block_size: i
     idx = sampling.encode(model.tokenizer).to(device)
     with torch.inference_mode():
         g = torch.Generator(device=device).manual_seed(sampling.seed)
-        model.generate(idx, min(4, sampling.max_new_tokens), sampling.temperature, sampling.top_k, g)  # warm-up
+        settings = (sampling.temperature, sampling.top_k, sampling.top_p)
+        model.generate(idx, min(4, sampling.max_new_tokens), *settings, g)  # warm-up
         times = []
         for _ in range(REPEATS):  # the same sample each time; the fastest is the least disturbed
             g = torch.Generator(device=device).manual_seed(sampling.seed)
             start = time.perf_counter()
-            ids = model.generate(idx, sampling.max_new_tokens, sampling.temperature, sampling.top_k, g)
+            ids = model.generate(idx, sampling.max_new_tokens, *settings, g)
             if device.type == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter() - start)
@@ -211,6 +213,7 @@ def parser() -> ArgumentParser:
     parser.add_argument("--max-new-tokens", type=PositiveInt, default=200, help="tokens of each sample")
     parser.add_argument("--temperature", type=PositiveFloat, default=0.8, help="as --sample.temperature")
     parser.add_argument("--top-k", type=PositiveInt | None, default=None, help="as --sample.top_k")
+    parser.add_argument("--top-p", type=TopP, default=1.0, help="as --sample.top_p")
     parser.add_argument("--seed", type=int, default=1337, help="the sampling seed")
     parser.add_argument("--accelerator", default="auto", help="as --trainer.accelerator")
     parser.add_argument("--note", action="append", default=[], help="a paragraph for the report's head (repeatable)")
@@ -223,7 +226,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         args = parser().parse_args(argv)
         check_writable(Path(args.out), "--out", folder=False)
-        sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.seed)
+        sampling = Sampling(args.prompt, 1, args.max_new_tokens, args.temperature, args.top_k, args.top_p, args.seed)
         specs = [m.partition("=")[::2] if "=" in m else (m, m) for m in args.models]
         for label, spec in specs:  # every model found before the first is scored
             check_model(label, spec)

@@ -101,9 +101,10 @@ def test_fit_logs_throughput_and_mfu(corpus_dir, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     # Later flags win: log every 2 steps, one validation at the end.
     extra = ["--data.on_device=true", "--trainer.val_check_interval=4", "--trainer.log_every_n_steps=2"]
-    args = tiny_fit_args(corpus_dir, 4, *extra, "--throughput.peak_flops=1e11")
+    args = tiny_fit_args(corpus_dir, 4, *extra, "--throughput.peak_flops=1e11", "--attention_maps.enabled=false")
     cli_main(args)
     events = EventAccumulator(str(tmp_path / "lightning_logs" / "version_0"), size_guidance={"scalars": 0}).Reload()
+    assert events.Tags()["images"] == []  # no attention maps, as asked
     assert [e.step for e in events.Scalars("perf/tokens_per_s")] == [2, 4]
     assert all(0 < e.value < 1 for e in events.Scalars("perf/mfu"))
     # Per-step values are handed to Lightning only at the steps it writes, and all of those are written.

@@ -1,14 +1,18 @@
 """End to end through LightningCLI: fit a few steps, resume, predict from the checkpoint with no data."""
 
+import io
 import socket
 import warnings
 from pathlib import Path
 
+import numpy
 import pytest
 import torch
+from PIL import Image
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from shakespeare_gpt.cli import build, cli_main
+from shakespeare_gpt.pictures import char_kind, char_name
 
 from ..conftest import TINY_TEXT, tiny_fit_args
 
@@ -35,6 +39,40 @@ def test_fit_keeps_best_and_last_checkpoints_and_logs_to_tensorboard(trained):
         assert tag in scalars, scalars
     assert len(events.Scalars("val/loss")) == 2  # one full validation every 2 of the 4 steps
     assert "sample/text_summary" in events.Tags()["tensors"]
+
+
+def test_fit_draws_every_layer_s_attention_at_each_validation_and_the_character_embeddings_at_its_end(
+    corpus_dir, tmp_path, monkeypatch
+):
+    monkeypatch.chdir(tmp_path)
+    cli_main(tiny_fit_args(corpus_dir, 4, "--model.n_layer=2", "--attention_maps.prompt=All:\nSpeak"))
+    run = tmp_path / "lightning_logs" / "version_0"
+    events = EventAccumulator(str(run), size_guidance={"images": 0}).Reload()
+    assert events.Tags()["images"] == ["attention/layer_0", "attention/layer_1"]
+    for tag in events.Tags()["images"]:
+        assert [e.step for e in events.Images(tag)] == [2, 4]  # one per layer and validation
+        image = Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string))
+        assert image.size == (2 * (24 + 10 * 12 + 16), 24 + 10 * 12 + 16 + 14)  # two heads of the 10-character prompt
+    vocab = "".join(sorted(set(TINY_TEXT)))
+    rows = (run / "00004" / "token_embeddings" / "metadata.tsv").read_text().splitlines()
+    assert rows == ["character\tkind", *(f"{char_name(c)}\t{char_kind(c)}" for c in vocab)]
+    assert {"newline\twhitespace", "space\twhitespace", "A\tcapital vowel"} <= set(rows)
+    weights = torch.load(run / "checkpoints" / "last.ckpt")["state_dict"]["model.tok_emb.weight"]
+    embeddings = numpy.loadtxt(run / "00004" / "token_embeddings" / "tensors.tsv", delimiter="\t")
+    numpy.testing.assert_allclose(embeddings, weights.numpy(), rtol=1e-4)  # the run's last weights
+    assert 'tensor_path: "00004/token_embeddings/tensors.tsv"' in (run / "projector_config.pbtxt").read_text()
+
+
+def test_the_attention_maps_of_a_checkpoint_and_prompt_as_a_png_with_no_data_on_disk(
+    trained, tmp_path, monkeypatch, capsys
+):
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    args = ["predict", f"--ckpt_path={trained}", "--sample.prompt=Speak, speak.", "--attention_maps.png=maps.png"]
+    cli_main([*args, "--sample.max_new_tokens=5", "--trainer.enable_progress_bar=false"])
+    assert "wrote the attention maps to maps.png" in capsys.readouterr().out
+    assert Image.open("maps.png").size == (2 * (24 + 13 * 12 + 16), 24 + 13 * 12 + 16 + 14)  # 1 layer, 2 heads
 
 
 def test_checkpoint_carries_the_vocabulary(trained, corpus_dir):

@@ -157,6 +157,10 @@ CASES = {
         [*FIT, "--ckpt_path=last"],
         r"nothing to resume: there is no run under lightning_logs; start one without --ckpt_path",
     ),
+    "an attention prompt outside the vocabulary": (
+        [*FIT, "--attention_maps.prompt=Zebra"],
+        r"^error: --attention_maps.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'",
+    ),
 }
 
 
@@ -237,6 +241,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
         (["--sample.max_new_tokens=-1"], r"--sample.max_new_tokens -1: give 0 or more$"),
         (["--sample.prompt="], r"--sample.prompt '': give some text"),
         (["--sample.prompt=Zebra"], r"--sample.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'"),
+        (["--attention_maps.png=."], r"--attention_maps.png \. is a folder: give the path of a file to write"),
         (
             ["--sample.prompt=Zebra", "--sample.top_k=0", "--sample.temperature=-1"],
             r"temperature -1.0: give a .*; --sample.top_k 0: give 1 .*; --sample.prompt 'Zebra': characters not in",
@@ -252,6 +257,7 @@ def checkpoint(corpus_dir, tmp_path_factory) -> Path:
         "tokens",
         "empty",
         "chars",
+        "attention png is a folder",
         "all at once",
     ],
 )

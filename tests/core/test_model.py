@@ -169,6 +169,16 @@ def test_n_head_splits_attention_into_that_many_weight_maps(n_head):
     assert seen == [torch.Size([3, n_head, 8, 8])]
 
 
+@pytest.mark.parametrize("attention", ["sdpa", "explicit"])
+def test_attention_maps_are_causal_distributions_whichever_kernel_trains(attention):
+    model = tiny(n_layer=2, n_head=2, attention=attention, dropout=0.1).train()
+    maps = model.attention_maps(torch.randint(0, 11, (3, 8)))
+    assert maps.shape == (2, 3, 2, 8, 8)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(2, 3, 2, 8))  # each query's weights: a distribution
+    assert torch.all(maps.triu(diagonal=1) == 0) and torch.all(maps[..., 0, 0] == 1)  # no key after the query
+    assert model.training and all(b.attn.attention == attention for b in model.blocks)  # put back as they were
+
+
 def test_bigram_baseline_reads_only_the_current_token():
     model = tiny(n_layer=0).eval()
     idx = torch.randint(0, 11, (2, 8))

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 import shutil
@@ -56,13 +57,20 @@ def gpt2_args(subcommand: str, model: Path, corpus_dir: Path, *extra: str) -> li
     ]
 
 
-def test_fine_tune_resume_validate_and_predict_through_the_cli(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
+def test_fine_tune_resume_validate_and_predict_through_the_cli(
+    tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys, caplog
+):
     monkeypatch.chdir(tmp_path)
+    caplog.set_level(logging.INFO)
     steps = ["--trainer.val_check_interval=2", "--trainer.log_every_n_steps=1"]
     cli = cli_main(gpt2_args("fit", tiny_gpt2, corpus_dir, "--trainer.max_steps=4", *steps))
     assert type(cli.model).__name__ == "PretrainedLM" and cli.trainer.global_step == 4
     run = tmp_path / "lightning_logs" / "gpt2" / "version_0"
     assert (run / "checkpoints" / "last.ckpt").is_file() and list(run.glob("events.out.tfevents.*"))
+    # Its attention runs in a fused kernel: no maps, said once for the two validations; no projector.
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("attention maps:")]
+    assert said == ["attention maps: none drawn, this PretrainedLM has no attention weights to show"]
+    assert not (run / "projector_config.pbtxt").exists()
     first = {k: v.clone() for k, v in cli.model.state_dict().items()}
     assert math.isfinite(cli.trainer.callback_metrics["val/bpc"])
 

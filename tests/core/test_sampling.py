@@ -1,14 +1,22 @@
-"""Sampling: the ``--sample.*`` settings, generation with and without the KV cache, the sliding window,
-and the split matrix products of batch-1 decoding on a CPU."""
+"""Sampling: the ``--sample.*`` settings, top-k and nucleus (top-p) draws, generation with and without the KV
+cache, the sliding window, the split matrix products of batch-1 decoding on a CPU, and ``predict``'s printing
+of samples as they are drawn."""
 
+import math
+import signal
+
+import lightning as L
 import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from jsonargparse import ArgumentParser
 
+from shakespeare_gpt.callbacks import SampleWriter
+from shakespeare_gpt.data import ShakespeareDataModule
+from shakespeare_gpt.lightning_module import ShakespeareGPT
 from shakespeare_gpt.model import GPT, GPTConfig
-from shakespeare_gpt.sampling import Sampling, generate
+from shakespeare_gpt.sampling import Sampling, generate, sample_next
 from shakespeare_gpt.tokenizer import CharTokenizer
 from shakespeare_gpt.utils import UserError
 
@@ -34,16 +42,22 @@ def test_the_prompt_is_encoded_once_per_sample_and_unknown_characters_are_named(
 
 
 def test_every_setting_that_cannot_sample_is_named_at_once():
-    bad = Sampling(prompt="Zebra@#", num_samples=0, max_new_tokens=-1, temperature=0.0, top_k=0, batch_size=0)
+    bad = Sampling(
+        prompt="Zebra@#", num_samples=0, max_new_tokens=-1, temperature=0.0, top_k=0, top_p=0.0, batch_size=0
+    )
     with pytest.raises(UserError) as e:
         bad.check(CharTokenizer(VOCAB))
-    flags = ("num_samples 0", "max_new_tokens -1", "temperature 0.0", "top_k 0", "batch_size 0", "prompt 'Zebra@#'")
-    for flag in flags:
+    flags = ("num_samples 0", "max_new_tokens -1", "temperature 0.0", "top_k 0", "top_p 0.0", "batch_size 0")
+    for flag in (*flags, "prompt 'Zebra@#'"):
         assert f"--sample.{flag}: " in str(e.value)
     assert "'#@'" in str(e.value) and "\n" not in str(e.value)  # the unknown characters, on one line
     with pytest.raises(UserError, match=r"--sample.prompt '': give some text"):
         Sampling(prompt="").check(CharTokenizer(VOCAB))
-    Sampling(top_k=10**6).check(CharTokenizer(VOCAB))  # more than the vocabulary: all of it
+    for top_p in (-0.1, 1.5):
+        with pytest.raises(UserError, match=rf"^--sample.top_p {top_p}: give a number above 0 and at most 1 \(1 "):
+            Sampling(top_p=top_p).check(CharTokenizer(VOCAB))
+    Sampling(top_k=10**6, top_p=1.0).check(CharTokenizer(VOCAB))  # more than the vocabulary: all of it
+    Sampling(top_p=0.01).check(CharTokenizer(VOCAB))
 
 
 def test_the_default_prompt_is_a_newline_or_the_vocabulary_s_first_character():
@@ -57,16 +71,49 @@ def test_the_default_prompt_is_a_newline_or_the_vocabulary_s_first_character():
     max_new_tokens=st.integers(0, 20),
     temperature=st.floats(0.05, 5.0),
     top_k=st.one_of(st.none(), st.integers(1, 2 * len(VOCAB))),  # above the vocabulary: all of it
+    top_p=st.floats(0.001, 1.0),
     seed=st.integers(0, 2**31),
 )
-def test_valid_sampling_settings_extend_the_prompt(prompt_len, max_new_tokens, temperature, top_k, seed):
+def test_valid_sampling_settings_extend_the_prompt(prompt_len, max_new_tokens, temperature, top_k, top_p, seed):
     idx = torch.randint(0, len(VOCAB), (2, prompt_len), generator=torch.Generator().manual_seed(seed))
-    out = generate(MODEL, idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    out = generate(MODEL, idx, max_new_tokens, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     assert out.shape == (2, prompt_len + max_new_tokens)
     assert torch.equal(out[:, :prompt_len], idx)
     assert int(out.min()) >= 0 and int(out.max()) < len(VOCAB)
-    again = generate(MODEL, idx, max_new_tokens, temperature, top_k, torch.Generator().manual_seed(seed))
+    again = generate(MODEL, idx, max_new_tokens, temperature, top_k, top_p, torch.Generator().manual_seed(seed))
     assert torch.equal(out, again)
+
+
+def test_a_top_p_of_1_computes_nothing_and_draws_what_was_drawn_without_it(monkeypatch):
+    model = tiny()
+    idx = torch.zeros(2, 3, dtype=torch.long)
+    without = generate(model, idx, 30, 0.8, 5, generator=torch.Generator().manual_seed(3))
+    monkeypatch.setattr(torch, "sort", None)  # the nucleus's sort: not even called
+    assert torch.equal(generate(model, idx, 30, 0.8, 5, 1.0, torch.Generator().manual_seed(3)), without)
+
+
+# Two rows, the same five probabilities in two orders: the kept tokens are the likeliest whatever their ids.
+PROBS = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04], [0.06, 0.3, 0.04, 0.5, 0.1]])
+
+
+@pytest.mark.parametrize(
+    ("top_p", "top_k", "kept"),
+    [
+        (0.45, None, [{0}, {3}]),  # 0.5 reaches 0.45 alone
+        (0.75, None, [{0, 1}, {3, 1}]),  # 0.5 does not reach it; 0.5 + 0.3 does: the token that crosses p is kept
+        (0.85, None, [{0, 1, 2}, {3, 1, 4}]),
+        (0.99, None, [{0, 1, 2, 3, 4}, {0, 1, 2, 3, 4}]),
+        (0.6, 2, [{0}, {3}]),  # after top_k: 0.5 / 0.8 = 0.625 of the two left
+        (0.7, 2, [{0, 1}, {3, 1}]),
+    ],
+)
+def test_a_small_top_p_draws_only_the_fewest_likeliest_tokens_that_reach_it(top_p, top_k, kept):
+    logits = PROBS.log().repeat(2000, 1)  # 2000 draws from each row
+    drawn = sample_next(logits, 1.0, top_k, top_p, torch.Generator().manual_seed(0)).view(2000, 2)
+    assert [set(drawn[:, row].tolist()) for row in (0, 1)] == kept
+    # In proportion to their probabilities, renormalised: the likeliest's share of the kept mass.
+    share = (drawn[:, 0] == 0).float().mean().item()
+    assert math.isclose(share, 0.5 / PROBS[0, list(kept[0])].sum().item(), abs_tol=0.04)
 
 
 def test_greedy_generation_is_deterministic_and_runs_past_block_size():
@@ -88,15 +135,16 @@ def test_sampling_is_reproducible_with_a_seed_and_restores_training_mode():
     assert model.training
 
 
+@pytest.mark.parametrize("draw", [{"top_k": 1}, {"temperature": 1.5, "top_p": 0.9}, {"top_k": 6, "top_p": 0.7}])
 @pytest.mark.parametrize("n_layer", [2, 0])
 @pytest.mark.parametrize("attention", ["sdpa", "explicit"])
 @pytest.mark.parametrize("prompt_len", [1, 5, 13])
-def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len, n_layer):
+def test_kv_cache_gives_the_same_tokens_as_no_cache(attention, prompt_len, n_layer, draw):
     model = tiny(attention=attention, n_layer=n_layer)
-    idx = torch.randint(0, 11, (2, prompt_len))
+    idx = torch.randint(0, 11, (2, prompt_len), generator=torch.Generator().manual_seed(prompt_len))
     # 40 new tokens with block_size 8: the window moves many times, and the cache is rebuilt each time.
-    cached = generate(model, idx, 40, top_k=1, use_cache=True)
-    uncached = generate(model, idx, 40, top_k=1, use_cache=False)
+    cached = generate(model, idx, 40, **draw, generator=torch.Generator().manual_seed(1), use_cache=True)
+    uncached = generate(model, idx, 40, **draw, generator=torch.Generator().manual_seed(1), use_cache=False)
     assert torch.equal(cached, uncached)
 
 
@@ -170,3 +218,45 @@ def test_window_slides_a_quarter_block_at_a_time():
     assert [window_start(n, 8) for n in (1, 8, 9, 10, 11, 12)] == [0, 0, 2, 2, 4, 4]
     assert all(n - window_start(n, 256) <= 256 for n in range(1, 2000))
     assert all(n - window_start(n, 256) >= 192 for n in range(256, 2000))
+
+
+def test_predict_prints_the_first_sample_of_each_batch_as_it_is_drawn_and_writes_the_same_text(tmp_path, capsys):
+    model = ShakespeareGPT(VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16)
+    writer, pieces = SampleWriter(str(tmp_path / "samples.txt")), []
+    writer.show = lambda text: pieces.append(text) or SampleWriter.show(text)
+    data = ShakespeareDataModule(corpus=str(tmp_path / "absent.txt"))
+    data.sampling = Sampling(prompt="ROMEO:", num_samples=5, max_new_tokens=30, batch_size=2)
+    trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
+    trainer.predict(model, datamodule=data)
+    text = (tmp_path / "samples.txt").read_text()
+    assert capsys.readouterr().out == text + f"wrote 5 sample(s) to {tmp_path / 'samples.txt'}\n"
+    assert "".join(pieces) == text and text.count("----- sample") == 5
+    # Samples 1, 3 and 5 (each its batch's first): the header, the prompt with the first character, then a
+    # character a step, and the end of the line; samples 2 and 4 whole, when their batch is done.
+    assert len(pieces) == 3 * (1 + 30 + 1) + 2
+    assert pieces[:3] == ["----- sample 1 -----\n", text[21:28], text[28]] and pieces[1].startswith("ROMEO:")
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning put back the handlers
+    assert model.on_token is None
+
+
+WORDS = [" To", " be", ",", " or", " not"]
+
+
+@pytest.mark.parametrize(
+    ("decode", "ids"),
+    [
+        # GPT-2's byte-level BPE: a token may be half a character
+        pytest.param(lambda ids: bytes(ids).decode(errors="replace"), list("né, à Åland".encode()), id="bytes"),
+        # SentencePiece drops the space of the text's first token
+        pytest.param(lambda ids: "".join(WORDS[i] for i in ids).removeprefix(" "), [0, 1, 2, 3, 4], id="words"),
+    ],
+)
+def test_the_text_printed_token_by_token_is_the_text_of_all_the_tokens(decode, ids, capsys):
+    writer = SampleWriter()
+    writer.decode = decode
+    writer.on_predict_batch_start(None, None, None, 0)
+    capsys.readouterr()
+    for t in range(2, len(ids) + 1):  # 2 tokens of prompt (for the bytes: "n" and the first half of "é")
+        writer.stream(torch.tensor([ids[:t]]))
+    out = capsys.readouterr().out
+    assert out == writer.partial == decode(ids) and "\ufffd" not in out

@@ -107,12 +107,16 @@ def check_tensorboard(folder: Path, logdir: str) -> None:
             assert time.monotonic() < deadline, "TensorBoard did not come up with the runs in 60 s"
             time.sleep(0.5)
         assert plugins["custom_scalars"]["enabled"] and plugins["text"]["enabled"]
-        run_tags = next(t for run, t in tags.items() if run.startswith("cpu/"))
+        run_tags = next(t for r, t in tags.items() if r.startswith("cpu/"))
         assert {"train/loss", "val/loss", "val/bpc"} <= set(run_tags) and "epoch" not in run_tags
         layout = get("/plugin/custom_scalars/layout")
         first = layout["category"][0]
         assert first["title"] == "Loss"
         assert first["chart"][0]["multiline"]["tag"] == [r"^(train|val|train_eval)/loss$"]
+        run = "cpu/version_0"  # make demo's run: the Images and Projector tabs
+        assert set(get("/plugin/images/tags")[run]) == {"attention/layer_0"}  # the tiny model's one layer
+        embeddings = get(f"/plugin/projector/info?run={run}")["embeddings"]
+        assert [e["tensorShape"] for e in embeddings] == [[65, 16]]  # tiny Shakespeare's characters, 16 dims
     finally:
         server.terminate()
         server.wait(timeout=30)

@@ -73,7 +73,7 @@ def test_compare_reports_every_model_and_its_commands_reproduce_it(models, tmp_p
     assert rows["char"][2] == "16" and rows["tiny GPT-2"][2] == "32"  # a checkpoint keeps its block; --block-size
     assert lines[14:17] == [
         "",
-        "## Samples (prompt='All:', max_new_tokens=20, temperature=0.8, top_k=None, seed=1337)",
+        "## Samples (prompt='All:', max_new_tokens=20, temperature=0.8, top_k=None, top_p=1.0, seed=1337)",
         "",
     ]
     assert lines[-4:] == [
@@ -104,6 +104,7 @@ BAD_INPUT = [
     (compare, ["m=RUN", "--block-size=1"], ["block_size", "WindowLength", ">=2"]),
     (compare, ["m=RUN", "--temperature=0"], ["temperature", "PositiveFloat"]),
     (compare, ["m=RUN", "--top-k=0"], ["top_k", "PositiveInt"]),
+    (compare, ["m=RUN", "--top-p=1.5"], ["top_p", "TopP", "v>0 and v<=1"]),
     (compare, ["m=RUN", "--outt=a.md"], ["unrecognized arguments: --outt=a.md"]),
     (compare, ["m=RUN", "--prompt="], ["prompt", "Text"]),
     (compare, ["foo="], ["foo=: give a model after the '=' (a checkpoint, a run folder, a Hugging Face name"]),

@@ -168,6 +168,7 @@ class Study:
             f"--trainer.logger.init_args.version={run.version}",
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
+            "--attention_maps.enabled=false",  # numbers, not pictures
             "--checkpoint.save_top_k=0",  # the study keeps numbers, not weights
             "--checkpoint.save_last=false",
         ]
