@@ -46,6 +46,19 @@ def tiny_fit_args(corpus_dir: Path, max_steps: int = 4, *extra: str) -> list[str
     ]
 
 
+def fit_tiny_run(root: Path, max_steps: int = 4) -> Path:
+    """A tiny run fitted in ``root`` (its corpus in root/data/input.txt), for a module-scoped fixture: its folder."""
+    from shakespeare_gpt.cli import cli_main
+
+    (root / "data").mkdir()
+    (root / "data" / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.chdir(root)
+        mp.setattr(sys, "argv", sys.argv[:1])  # before the autouse fixture that does it for each test
+        cli_main(tiny_fit_args(root / "data", max_steps))
+    return root / "lightning_logs" / "version_0"
+
+
 @pytest.fixture(autouse=True)
 def cli_argv_is_the_tests_own(monkeypatch):
     """Tests hand the CLI its arguments (``args=[...]``); pytest's own command line is not for it."""

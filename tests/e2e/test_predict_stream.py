@@ -14,9 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from shakespeare_gpt.cli import cli_main
-
-from ..conftest import TINY_TEXT, tiny_fit_args
+from ..conftest import fit_tiny_run
 
 pytestmark = pytest.mark.slow  # real processes: the slow tier
 
@@ -24,14 +22,7 @@ pytestmark = pytest.mark.slow  # real processes: the slow tier
 @pytest.fixture(scope="module")
 def run(tmp_path_factory) -> Path:
     """A tiny run of 4 steps, fitted in this process."""
-    folder = tmp_path_factory.mktemp("predict")
-    (folder / "data").mkdir()
-    (folder / "data" / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(folder)
-        mp.setattr(sys, "argv", sys.argv[:1])  # before the autouse fixture that does it for each test
-        cli_main(tiny_fit_args(folder / "data"))
-    return folder / "lightning_logs" / "version_0"
+    return fit_tiny_run(tmp_path_factory.mktemp("predict"))
 
 
 def start_predict(run: Path, samples: Path, *extra: str) -> subprocess.Popen:

@@ -166,6 +166,9 @@ def test_every_readme_command_runs_as_written(tmp_path):
             out = run([str(BIN / "shakespeare-gpt"), *words[1:], *extra], folder)
             if words[1] == "predict":
                 assert out.stdout.count("----- sample 1 -----\nROMEO:") == 1
+            if "--attention_maps.png" in words:
+                png = words[words.index("--attention_maps.png") + 1]
+                assert f"wrote the attention maps to {png}" in out.stdout and (folder / png).stat().st_size > 0
             if "--ckpt_path" in words and words[1] == "fit":
                 assert "Restoring states" in out.stderr + out.stdout
         elif words[:2] == ["tensorboard", "--logdir"]:

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import shlex
-import sys
 from pathlib import Path
 
 import pytest
@@ -15,7 +14,7 @@ pytest.importorskip("transformers")
 from shakespeare_gpt.cli import cli_main  # noqa: E402
 from shakespeare_gpt.tools import compare, tiny_gpt2  # noqa: E402
 
-from ..conftest import TINY_TEXT, tiny_fit_args  # noqa: E402
+from ..conftest import fit_tiny_run  # noqa: E402
 
 GPT2_FILES = ["config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json"]
 
@@ -24,12 +23,7 @@ GPT2_FILES = ["config.json", "generation_config.json", "model.safetensors", "tok
 def models(tmp_path_factory) -> Path:
     """A corpus (data/input.txt), a character run of 2 steps (lightning_logs/) and a tiny GPT-2 (gpt2/)."""
     root = tmp_path_factory.mktemp("models")
-    (root / "data").mkdir()
-    (root / "data" / "input.txt").write_text(TINY_TEXT, encoding="utf-8")
-    with pytest.MonkeyPatch.context() as mp:
-        mp.chdir(root)
-        mp.setattr(sys, "argv", sys.argv[:1])  # before the autouse fixture that does it for each test
-        cli_main(tiny_fit_args(root / "data", 2))
+    fit_tiny_run(root, 2)
     sizes = ["--vocab-size=300", "--n-layer=1", "--n-head=2", "--n-embd=16", "--n-positions=64"]
     tiny_gpt2.main([str(root / "gpt2"), f"--corpus={root / 'data' / 'input.txt'}", *sizes])
     return root
