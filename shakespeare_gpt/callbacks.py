@@ -8,6 +8,7 @@ Lightning's own callbacks are used where one does the job (``ModelCheckpoint``,
 from __future__ import annotations
 
 import math
+import os
 import shutil
 import signal
 import sys
@@ -40,18 +41,24 @@ def at_last_step(trainer) -> bool:
     return 0 < trainer.max_steps <= trainer.global_step
 
 
+def heading(i: int) -> str:
+    """The line above sample ``i`` (from 1), printed and written."""
+    return f"----- sample {i} -----\n"
+
+
 class SampleWriter(Callback):
     """Prints the predicted samples to stdout as they are drawn, and writes them all to one text file.
 
     Samples are drawn in batches (``--sample.batch_size``): the first of each batch is printed as
-    ``generate`` draws it, token by token (through the module's ``on_token``), the others, drawn
-    alongside it, when the batch is done. stdout is flushed after each piece, so a pipe or a
-    file gets the text as it comes. The text file gets the same text, written under a temporary
-    name and renamed when complete, so an interrupted run never leaves a half-written file behind.
+    ``generate`` draws it, token by token (the module's ``token_sink``), the others, drawn alongside
+    it, when the batch is done. stdout is flushed after each piece, so a pipe or a file gets the
+    text as it comes. The text file gets the same text, written under a temporary name and renamed
+    when complete, so an interrupted run never leaves a half-written file behind.
 
-    Ctrl-C (SIGINT) or SIGTERM stops the sampling at once: the file then holds what was printed (the
-    finished samples and the start of the one being drawn), and the exit status is 128 + the signal
-    number (130, 143), as a shell reports a process a signal ended.
+    Ctrl-C (SIGINT), SIGTERM, or a reader that stops reading (``| head``) stops the sampling at once:
+    the file then holds what was printed (the finished samples and the start of the one being drawn),
+    and the exit status is 128 + the signal number (130, 143, 141), as a shell reports a process a
+    signal ended.
 
     Args:
         path: the text file the samples are written to (replaced on each predict run); by default
@@ -60,10 +67,11 @@ class SampleWriter(Callback):
 
     def __init__(self, path: str | None = None) -> None:
         self.path = Path(path) if path else samples_file(None)
-        self.samples: list[str] = []  # the samples printed whole
-        self.partial: str | None = None  # the text printed so far of the sample being drawn
-        self.window = (0, 0)  # where its last piece printed starts and ends, in tokens
+        self.samples: list[str] = []  # as printed; the last may be the one being drawn
+        self.finished = 0  # how many of them are whole
+        self.window = (0, 0)  # where the last piece printed of the one being drawn starts and ends, in tokens
         self.signum: int | None = None
+        self.decode = None  # the model's tokenizer's
 
     def setup(self, trainer, pl_module, stage: str) -> None:
         # The samples show the progress; a progress bar would draw on stdout, among them.
@@ -71,26 +79,36 @@ class SampleWriter(Callback):
             trainer.progress_bar_callback.disable()
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        self.samples, self.partial, self.signum = [], None, None
+        self.samples, self.finished, self.signum = [], 0, None
+        if not trainer.is_global_zero:
+            return
         self.decode = pl_module.tokenizer.decode
-        pl_module.on_token = self.stream  # what predict_step hands to generate
+        pl_module.token_sink = self.stream  # what predict_step hands to generate
         if threading.current_thread() is threading.main_thread():  # Lightning puts back the handlers it found
             signal.signal(signal.SIGINT, self._on_signal)  # when predict ends, however it ends
             signal.signal(signal.SIGTERM, self._on_signal)
 
     def _on_signal(self, signum: int, frame) -> None:
         # Lightning 2.6 would end a KeyboardInterrupt with exit status 1, and ignores SIGTERM in predict.
+        signal.signal(signal.SIGINT, signal.SIG_IGN)  # a second signal must not cut the saving short
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
         self.signum = signum
         raise SIGTERMException(128 + signum)
 
-    @staticmethod
-    def show(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
+    def print_now(self, text: str) -> None:
+        try:
+            sys.stdout.write(text)
+            sys.stdout.flush()
+        except BrokenPipeError:  # the reader stopped reading (| head): stop as a shell's SIGPIPE would
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # Python's exit flushes nothing more
+            self.signum = signal.SIGPIPE
+            raise SIGTERMException(128 + signal.SIGPIPE) from None
 
     def on_predict_batch_start(self, trainer, pl_module, batch, batch_idx: int, dataloader_idx: int = 0) -> None:
-        self.partial, self.window = "", (0, 0)
-        self.show(f"----- sample {len(self.samples) + 1} -----\n")
+        if trainer.is_global_zero:
+            self.samples.append("")
+            self.window = (0, 0)
+            self.print_now(heading(len(self.samples)))
 
     def stream(self, idx: torch.Tensor) -> None:
         """Prints what the new tokens add to the batch's first sample: the ``on_token`` of ``sampling.generate``.
@@ -104,42 +122,44 @@ class SampleWriter(Callback):
         before, text = self.decode(ids[: end - start]), self.decode(ids)
         if len(text) > len(before) and not text.endswith("\ufffd"):
             piece = text[len(before) :]
-            self.partial += piece
-            self.show(piece)
+            self.samples[-1] += piece
+            self.print_now(piece)
             self.window = (end, idx.size(1))
 
     def on_predict_batch_end(self, trainer, pl_module, outputs: list[str], batch, batch_idx, dataloader_idx=0):
+        if not trainer.is_global_zero:
+            return
         first, *others = outputs
-        self.show(first[len(self.partial) :] + "\n")
-        self.samples.append(first)
-        self.partial = None
+        self.print_now(first[len(self.samples[-1]) :] + "\n")
+        self.samples[-1], self.finished = first, self.finished + 1
         for text in others:
-            self.samples.append(text)
-            self.show(f"----- sample {len(self.samples)} -----\n{text}\n")
+            self.samples.append("")
+            self.print_now(heading(len(self.samples)) + text + "\n")
+            self.samples[-1], self.finished = text, self.finished + 1
         if (batches := trainer.num_predict_batches[0]) > 1:  # progress, apart from the samples
             sys.stderr.write(f"batch {batch_idx + 1} of {batches}: {len(self.samples)} samples drawn\n")
 
-    def save(self, samples: list[str]) -> None:
+    def save(self) -> None:
         with atomic_open(self.path) as f:
-            f.writelines(f"----- sample {i} -----\n{text}\n" for i, text in enumerate(samples, 1))
+            f.writelines(heading(i) + text + "\n" for i, text in enumerate(self.samples, 1))
 
     def on_predict_end(self, trainer, pl_module) -> None:
-        pl_module.on_token = None
-        if not trainer.is_global_zero:
-            return
-        self.save(self.samples)
-        sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
+        pl_module.token_sink = None
+        if trainer.is_global_zero:
+            self.save()
+            sys.stdout.write(f"wrote {len(self.samples)} sample(s) to {self.path}\n")
 
     def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        pl_module.token_sink = None
         if self.signum is None or not trainer.is_global_zero:
             return
-        start = ""
-        if self.partial is not None:
-            self.show("\n")  # the partial sample ends as the file's does
-            start = f" and the start of sample {len(self.samples) + 1}"
-        self.save(self.samples + ([] if self.partial is None else [self.partial]))
+        cut = len(self.samples) > self.finished
+        if cut and self.signum != signal.SIGPIPE:
+            sys.stdout.write("\n")  # the sample cut short ends as the file's does
+        self.save()
+        start = f" and the start of sample {len(self.samples)}" if cut else ""
         name = signal.Signals(self.signum).name
-        sys.stderr.write(f"interrupted by {name}: wrote {len(self.samples)} sample(s){start} to {self.path}\n")
+        sys.stderr.write(f"interrupted by {name}: wrote {self.finished} sample(s){start} to {self.path}\n")
 
 
 class TextSample(Callback):
@@ -174,7 +194,7 @@ class AttentionMaps(Callback):
     step pays nothing for them. In ``predict``, ``png`` names a file to draw them into.
 
     Args:
-        enabled: fit: draw them at each validation.
+        enabled: draw them (in fit, at each validation).
         prompt: the text drawn, cut to the model's block size. By default, in fit the val split's first
             characters (the same at every validation), in predict the sampling prompt.
         png: predict: draw the maps of every layer into this PNG file (and print its path).
@@ -182,47 +202,56 @@ class AttentionMaps(Callback):
 
     def __init__(self, enabled: bool = True, prompt: str | None = None, png: str | None = None) -> None:
         self.enabled, self.prompt, self.png = enabled, prompt, png
-        self.absent_said = False
+        self.drawable = False  # the model has maps to draw: known at setup
 
-    def check(self, tokenizer) -> None:
-        """Refuse, in one line and before anything is written, a prompt the model cannot read or an unwritable PNG."""
+    @staticmethod
+    def has_maps(pl_module) -> bool:
+        return pl_module.attention_maps(torch.zeros(1, 1, dtype=torch.long, device=pl_module.device)) is not None
+
+    def check(self, pl_module, subcommand: str | None) -> None:
+        """Refuse, in one line and before anything is written, what cannot be drawn or written."""
+        if self.png and subcommand != "predict":
+            raise UserError("--attention_maps.png: predict writes it; fit draws the maps into TensorBoard")
         if self.prompt:
             try:
-                tokenizer.encode(self.prompt)
+                pl_module.tokenizer.encode(self.prompt)
             except UserError as e:
                 raise UserError(f"--attention_maps.prompt {self.prompt!r}: {e}") from None
-        if self.png:
+        if self.png and self.enabled:
+            if not self.has_maps(pl_module):
+                raise UserError(f"--attention_maps.png: this {type(pl_module).__name__} has no attention maps to draw")
             check_writable(Path(self.png), "--attention_maps.png", folder=False)
 
-    def maps(self, pl_module, default: torch.Tensor) -> tuple[torch.Tensor, list[str]] | None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self.drawable = self.enabled and self.has_maps(pl_module)
+        if self.enabled and not self.drawable and stage == "fit" and isinstance(trainer.logger, TensorBoardLogger):
+            rank_zero_info(
+                f"attention maps: none drawn, this {type(pl_module).__name__} has no attention weights to show"
+            )
+
+    def maps(self, pl_module, default: torch.Tensor) -> tuple[torch.Tensor, list[str]]:
         """The (n_layer, n_head, T, T) maps of the prompt (else ``default``, token ids) and a label per position."""
         ids = torch.tensor(pl_module.tokenizer.encode(self.prompt)) if self.prompt else default
-        ids = ids[None, : pl_module.hparams.get("block_size")].long().to(pl_module.device)
-        if (maps := pl_module.attention_maps(ids)) is None:
-            if not self.absent_said:
-                name = type(pl_module).__name__
-                rank_zero_info(f"attention maps: none drawn, this {name} has no attention weights to show")
-            self.absent_said = True
-            return None
-        return maps[:, 0], [axis_label(pl_module.tokenizer.decode([i])) for i in ids[0].tolist()]
+        ids = ids[None, : pl_module.hparams.block_size].long().to(pl_module.device)
+        labels = [axis_label(pl_module.tokenizer.decode([i])) for i in ids[0].tolist()]
+        return pl_module.attention_maps(ids)[:, 0], labels
 
     def on_validation_end(self, trainer, pl_module) -> None:
         logger = trainer.logger
-        if not (self.enabled and fitting(trainer) and trainer.is_global_zero and isinstance(logger, TensorBoardLogger)):
+        if not (
+            self.drawable and fitting(trainer) and trainer.is_global_zero and isinstance(logger, TensorBoardLogger)
+        ):
             return
-        if (drawn := self.maps(pl_module, trainer.datamodule.val_data)) is None:
-            return
-        (maps, labels), step = drawn, trainer.global_step
+        (maps, labels), step = self.maps(pl_module, trainer.datamodule.val_data), trainer.global_step
         for layer in range(len(maps)):
             image = numpy.asarray(attention_image(maps[layer : layer + 1], labels, f"step {step}", first_layer=layer))
             logger.experiment.add_image(f"attention/layer_{layer}", image, step, dataformats="HWC")
 
     def on_predict_start(self, trainer, pl_module) -> None:
-        if self.png is None or not trainer.is_global_zero:
-            return
-        if (drawn := self.maps(pl_module, trainer.datamodule.sampling.encode(pl_module.tokenizer, 1)[0])) is not None:
+        if self.png and self.drawable and trainer.is_global_zero:
+            prompt = trainer.datamodule.sampling.encode(pl_module.tokenizer, 1)[0]
             with atomic_open(Path(self.png), "wb") as f:
-                attention_image(*drawn, "rows: queries, columns: keys").save(f, format="png")
+                attention_image(*self.maps(pl_module, prompt), "rows: queries, columns: keys").save(f, format="png")
             sys.stdout.write(f"wrote the attention maps to {self.png}\n")
 
 
@@ -232,11 +261,17 @@ class EmbeddingProjector(Callback):
     Each point is named by its character, spelt out where it is invisible (newline, space), with its
     kind (vowel, capital consonant, punctuation, ...) to colour the points by: with "Color by: kind", a
     learner sees which characters the model has learned to treat alike.
+
+    Args:
+        enabled: write them.
     """
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled = enabled
 
     def on_train_end(self, trainer, pl_module) -> None:
         vocab, logger = pl_module.hparams.get("vocab"), trainer.logger
-        if not vocab or not trainer.is_global_zero or not isinstance(logger, TensorBoardLogger):
+        if not (self.enabled and vocab and trainer.is_global_zero and isinstance(logger, TensorBoardLogger)):
             return  # a pretrained model's 50,000 tokens are not what this view is for
         logger.experiment.add_embedding(
             pl_module.model.tok_emb.weight.detach().float().cpu(),

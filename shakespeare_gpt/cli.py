@@ -96,6 +96,7 @@ class ShakespeareCLI(LightningCLI):
                 }
             )
             parser.add_lightning_class_args(Throughput, "throughput")
+            parser.add_lightning_class_args(EmbeddingProjector, "projector")
         if subcommand in ("fit", "predict"):
             parser.add_lightning_class_args(AttentionMaps, "attention_maps")
         if subcommand == "predict":
@@ -142,7 +143,7 @@ class ShakespeareCLI(LightningCLI):
         if not bar and config.trainer.get("enable_progress_bar") is not False:
             callbacks.append(StepProgressBar())
         if config.trainer.get("logger") not in (False, None):  # the learning-rate curve and samples need a logger
-            callbacks += [LearningRateMonitor(logging_interval="step"), TextSample(), EmbeddingProjector()]
+            callbacks += [LearningRateMonitor(logging_interval="step"), TextSample()]
         self.trainer_defaults["callbacks"] = callbacks
 
     def instantiate_classes(self) -> None:
@@ -178,7 +179,7 @@ class ShakespeareCLI(LightningCLI):
             )
         for callback in self.trainer.callbacks:
             if isinstance(callback, AttentionMaps):
-                callback.check(self.model.tokenizer)
+                callback.check(self.model, self.subcommand)
         if self.resumed_run is not None and rank_zero_only.rank == 0:  # every check passed: the run is ours
             run_lock = next(c for c in self.trainer.callbacks if isinstance(c, RunLock))
             run_lock.handle = checkpoints.lock_run(self.resumed_run)

@@ -86,7 +86,7 @@ class LanguageModel(L.LightningModule):
 
     A subclass sets ``self.tokenizer`` (``encode``, ``decode``, ``len``, ``encode_with_chars``) and
     defines ``logits`` and ``generate``; it saves its settings with ``save_settings``. In ``predict``,
-    ``on_token`` (set by ``callbacks.SampleWriter``) sees the tokens of each batch as they are drawn.
+    ``token_sink`` (set by ``callbacks.SampleWriter``) sees the tokens of each batch as they are drawn.
 
     Bits per character (``val/bpc``): the val split's total negative log-likelihood in bits
     divided by the number of characters it covers. The data's ``ValWindows`` score every token
@@ -98,7 +98,7 @@ class LanguageModel(L.LightningModule):
     def __init__(self, recipe: Recipe) -> None:
         super().__init__()
         self.recipe = recipe
-        self.on_token = None  # predict_step hands it to ``generate``: see ``sampling.generate``
+        self.token_sink = None  # predict_step hands it to ``generate``: see ``sampling.generate``
         # Sums over the pass, synchronised across processes: nats, scored tokens, their characters. A NaN
         # stays a NaN (torchmetrics would drop it, and a broken run would log a val loss of 0).
         self.eval_sums = torch.nn.ModuleDict(
@@ -126,8 +126,8 @@ class LanguageModel(L.LightningModule):
         raise NotImplementedError
 
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor | None:
-        """(n_layer, B, n_head, T, T) attention weights for (B, T) token ids; None where the model hides them
-        (a fused attention kernel never forms them)."""
+        """(n_layer, B, n_head, T, T) attention weights for (B, T) token ids; None where this project does not
+        read them."""
         return None
 
     def loss(self, batch: tuple[torch.Tensor, ...]) -> torch.Tensor:
@@ -189,7 +189,7 @@ class LanguageModel(L.LightningModule):
             self.sample_generator = torch.Generator(device=self.device).manual_seed(batch.seed)
         idx = batch.encode(self.tokenizer).to(self.device)
         settings = (batch.temperature, batch.top_k, batch.top_p, self.sample_generator)
-        out = self.generate(idx, batch.max_new_tokens, *settings, on_token=self.on_token)
+        out = self.generate(idx, batch.max_new_tokens, *settings, on_token=self.token_sink)
         return [self.tokenizer.decode(row) for row in out.tolist()]
 
     def configure_optimizers(self):

@@ -273,7 +273,8 @@ class GPT(nn.Module):
 
     @torch.no_grad()
     def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
-        """(n_layer, B, n_head, T, T) attention weights of every layer and head for ``idx`` (B, T), at evaluation.
+        """(n_layer, B, n_head, T, T) attention weights of every layer and head for ``idx`` (B, T), at evaluation
+        (n_layer >= 1: the bigram model has none).
 
         Computed through the written-out softmax whichever kernel the model trains with (a fused kernel
         never forms the weights): each layer is switched to ``explicit`` for this one pass, and a forward

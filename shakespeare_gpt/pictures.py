@@ -31,29 +31,31 @@ def char_kind(c: str) -> str:
     return "digit" if c.isdigit() else "punctuation"
 
 
-def attention_image(maps: torch.Tensor, labels: list[str], caption: str, first_layer: int = 0) -> Image.Image:
-    """(L, n_head, T, T) attention weights as one picture: a row per layer, its heads side by side.
+def attention_image(maps: torch.Tensor, labels: list[str], title: str, first_layer: int = 0) -> Image.Image:
+    """(L, n_head, T, T) attention weights as one picture: ``title`` on top, then a row per layer, its heads
+    side by side, each captioned with its layer and head.
 
     Each head is a query (row) by key (column) matrix, white at weight 0 and darker up to 1 (on a square
     root scale, so that small weights show): the keys after a query, which it cannot see, are the white
-    triangle above the diagonal. ``labels``, one per
-    position, name the rows and columns where a cell is big enough to hold them; each head's caption
-    is its layer, its head and ``caption`` (the step, say).
+    triangle above the diagonal. ``labels``, one per position, name the rows and columns where a cell is
+    big enough to hold them.
     """
     L, H, T, _ = maps.shape
     cell = max(1, min(12, 512 // T))  # pixels per weight: a 64-character prompt in 512 pixels
     labelled = cell >= 8
     font = ImageFont.load_default(size=max(cell, 10))
     margin = 2 * cell if labelled else 0  # room for a label of up to two glyphs ("\n")
-    side = margin + T * cell + 16
-    image = Image.new("RGB", (H * side, L * (side + 14)), "white")
+    tall = margin + T * cell + 16
+    wide = max(tall, round(font.getlength(f"layer {first_layer + L - 1} · head {H - 1}")) + 16)
+    image = Image.new("RGB", (max(H * wide, round(font.getlength(title)) + 4), 16 + L * (tall + 14)), "white")
     draw = ImageDraw.Draw(image)
+    draw.text((0, 0), title, fill="black", font=font)
     w = maps.detach().float().clamp(0, 1).sqrt().cpu()
     pixels = torch.stack([255 - 215 * w, 255 - 170 * w, 255 - 75 * w], dim=-1).round().byte().numpy()  # to navy
     for layer in range(L):
         for head in range(H):
-            x, y = head * side, layer * (side + 14)
-            draw.text((x, y), f"layer {first_layer + layer} · head {head} · {caption}", fill="black", font=font)
+            x, y = head * wide, 16 + layer * (tall + 14)
+            draw.text((x, y), f"layer {first_layer + layer} · head {head}", fill="black", font=font)
             x, y = x + margin, y + 14 + margin
             tile = Image.fromarray(pixels[layer, head]).resize((T * cell, T * cell), Image.Resampling.NEAREST)
             image.paste(tile, (x, y))

@@ -52,7 +52,7 @@ def test_fit_draws_every_layer_s_attention_at_each_validation_and_the_character_
     for tag in events.Tags()["images"]:
         assert [e.step for e in events.Images(tag)] == [2, 4]  # one per layer and validation
         image = Image.open(io.BytesIO(events.Images(tag)[-1].encoded_image_string))
-        assert image.size == (2 * (24 + 10 * 12 + 16), 24 + 10 * 12 + 16 + 14)  # two heads of the 10-character prompt
+        assert image.size == (2 * (24 + 10 * 12 + 16), 16 + 24 + 10 * 12 + 16 + 14)  # two heads, 10 characters
     vocab = "".join(sorted(set(TINY_TEXT)))
     rows = (run / "00004" / "token_embeddings" / "metadata.tsv").read_text().splitlines()
     assert rows == ["character\tkind", *(f"{char_name(c)}\t{char_kind(c)}" for c in vocab)]
@@ -72,7 +72,11 @@ def test_the_attention_maps_of_a_checkpoint_and_prompt_as_a_png_with_no_data_on_
     args = ["predict", f"--ckpt_path={trained}", "--sample.prompt=Speak, speak.", "--attention_maps.png=maps.png"]
     cli_main([*args, "--sample.max_new_tokens=5", "--trainer.enable_progress_bar=false"])
     assert "wrote the attention maps to maps.png" in capsys.readouterr().out
-    assert Image.open("maps.png").size == (2 * (24 + 13 * 12 + 16), 24 + 13 * 12 + 16 + 14)  # 1 layer, 2 heads
+    image = Image.open("maps.png").convert("RGB")
+    assert image.size == (2 * (24 + 13 * 12 + 16), 16 + 24 + 13 * 12 + 16 + 14)  # 1 layer, 2 heads, 13 characters
+    for head in range(2):  # query 0 sees key 0 alone: weight 1, navy; key 12 of query 0, masked: white
+        x, y = head * (24 + 13 * 12 + 16) + 24 + 6, 16 + 14 + 24 + 6
+        assert image.getpixel((x, y)) == (40, 85, 180) and image.getpixel((x + 12 * 12, y)) == (255, 255, 255)
 
 
 def test_checkpoint_carries_the_vocabulary(trained, corpus_dir):

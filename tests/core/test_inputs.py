@@ -157,6 +157,10 @@ CASES = {
         [*FIT, "--ckpt_path=last"],
         r"nothing to resume: there is no run under lightning_logs; start one without --ckpt_path",
     ),
+    "an attention PNG in fit, which draws into TensorBoard": (
+        [*FIT, "--attention_maps.png=maps.png"],
+        r"^error: --attention_maps.png: predict writes it; fit draws the maps into TensorBoard$",
+    ),
     "an attention prompt outside the vocabulary": (
         [*FIT, "--attention_maps.prompt=Zebra"],
         r"^error: --attention_maps.prompt 'Zebra': characters not in the model's vocabulary: 'Zb'",

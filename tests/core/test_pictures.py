@@ -17,10 +17,10 @@ def test_an_attention_image_draws_each_weight_white_at_zero_and_darkest_at_one()
     maps = torch.tril(torch.ones(T, T)) / torch.arange(1, T + 1)[:, None]  # uniform over the keys a query sees
     maps = torch.stack([maps, torch.eye(T)])[None]  # (1 layer, 2 heads, T, T)
     image = numpy.asarray(attention_image(maps, list("ab\nc"), "step 7"))
-    cell, margin, side = 12, 24, 24 + 4 * 12 + 16  # as attention_image lays out a 4-token prompt
+    cell, margin, wide = 12, 24, image.shape[1] // 2  # as attention_image lays out a 4-token prompt
 
     def pixel(head: int, row: int, col: int) -> list[int]:
-        return image[14 + margin + row * cell + cell // 2, head * side + margin + col * cell + cell // 2].tolist()
+        return image[16 + 14 + margin + row * cell + cell // 2, head * wide + margin + col * cell + cell // 2].tolist()
 
     white, darkest = [255, 255, 255], [40, 85, 180]
     for head in range(2):

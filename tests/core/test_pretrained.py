@@ -94,7 +94,7 @@ def test_fine_tune_resume_validate_and_predict_through_the_cli(
     assert samples.read_text() == first_text
 
 
-def test_zero_shot_validate_and_predict_need_no_fit(tiny_gpt2, corpus_dir, tmp_path, monkeypatch):
+def test_zero_shot_validate_and_predict_need_no_fit(tiny_gpt2, corpus_dir, tmp_path, monkeypatch, capsys):
     monkeypatch.chdir(tmp_path)
     cli = cli_main(gpt2_args("validate", tiny_gpt2, corpus_dir))
     bpc = float(cli.trainer.callback_metrics["val/bpc"])
@@ -105,6 +105,11 @@ def test_zero_shot_validate_and_predict_need_no_fit(tiny_gpt2, corpus_dir, tmp_p
     cli_main([*gpt2_args("predict", tiny_gpt2, corpus_dir), "--sample.max_new_tokens=70", f"--writer.path={samples}"])
     # 70 new tokens: past the model's 64 positions, where generation reads the last 64.
     assert samples.read_text().startswith("----- sample 1 -----\n\n")
+    with pytest.raises(SystemExit):  # its attention weights are not read here: no PNG of them, said at once
+        cli_main([*gpt2_args("predict", tiny_gpt2, corpus_dir), "--attention_maps.png=maps.png"])
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert line == "error: --attention_maps.png: this PretrainedLM has no attention maps to draw"
+    assert not (tmp_path / "maps.png").exists()
 
 
 def test_generation_with_the_cache_equals_generation_without_it(tiny_gpt2):

@@ -4,6 +4,7 @@ of samples as they are drawn."""
 
 import math
 import signal
+from types import SimpleNamespace
 
 import lightning as L
 import pytest
@@ -223,7 +224,7 @@ def test_window_slides_a_quarter_block_at_a_time():
 def test_predict_prints_the_first_sample_of_each_batch_as_it_is_drawn_and_writes_the_same_text(tmp_path, capsys):
     model = ShakespeareGPT(VOCAB, block_size=8, n_layer=1, n_head=2, n_embd=16)
     writer, pieces = SampleWriter(str(tmp_path / "samples.txt")), []
-    writer.show = lambda text: pieces.append(text) or SampleWriter.show(text)
+    writer.print_now = lambda text: pieces.append(text) or SampleWriter.print_now(writer, text)
     data = ShakespeareDataModule(corpus=str(tmp_path / "absent.txt"))
     data.sampling = Sampling(prompt="ROMEO:", num_samples=5, max_new_tokens=30, batch_size=2)
     trainer = L.Trainer(accelerator="cpu", logger=False, enable_progress_bar=False, callbacks=[writer])
@@ -236,7 +237,7 @@ def test_predict_prints_the_first_sample_of_each_batch_as_it_is_drawn_and_writes
     assert len(pieces) == 3 * (1 + 30 + 1) + 2
     assert pieces[:3] == ["----- sample 1 -----\n", text[21:28], text[28]] and pieces[1].startswith("ROMEO:")
     assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # Lightning put back the handlers
-    assert model.on_token is None
+    assert model.token_sink is None
 
 
 WORDS = [" To", " be", ",", " or", " not"]
@@ -254,9 +255,9 @@ WORDS = [" To", " be", ",", " or", " not"]
 def test_the_text_printed_token_by_token_is_the_text_of_all_the_tokens(decode, ids, capsys):
     writer = SampleWriter()
     writer.decode = decode
-    writer.on_predict_batch_start(None, None, None, 0)
+    writer.on_predict_batch_start(SimpleNamespace(is_global_zero=True), None, None, 0)
     capsys.readouterr()
     for t in range(2, len(ids) + 1):  # 2 tokens of prompt (for the bytes: "n" and the first half of "é")
         writer.stream(torch.tensor([ids[:t]]))
     out = capsys.readouterr().out
-    assert out == writer.partial == decode(ids) and "\ufffd" not in out
+    assert out == writer.samples[-1] == decode(ids) and "\ufffd" not in out

@@ -80,3 +80,21 @@ def test_ctrl_c_stops_at_once_keeping_the_text_printed_and_writing_it_to_samples
     assert [len(t) for t in texts[:2]] == [len("All:") + 3000 + 1] * 2 and len(texts) == 3
     assert len(texts[2]) < len("All:") + 3000 + 1  # sample 3 was stopped in the middle
     assert f"interrupted by SIGINT: wrote 2 sample(s) and the start of sample 3 to {samples}\n" in err.decode()
+
+
+def test_a_reader_that_stops_reading_ends_predict_quietly_with_the_text_printed_written(run, tmp_path):
+    samples = tmp_path / "samples.txt"
+    process = start_predict(run, samples, "--sample.max_new_tokens=1000000")
+    try:
+        printed = read_until(process, lambda out: len(out) >= 40)  # as `| head -c 40` reads, then goes
+        process.stdout.close()
+        err = process.stderr.read().decode()
+        process.wait(timeout=60)
+    finally:
+        process.kill()
+    assert process.returncode == 141  # 128 + SIGPIPE, as a shell reports a process the broken pipe ended
+    assert (
+        "Traceback" not in err
+        and f"interrupted by SIGPIPE: wrote 0 sample(s) and the start of sample 1 to {samples}" in err
+    )
+    assert samples.read_text().startswith(printed)  # all it printed, and what it drew before it noticed

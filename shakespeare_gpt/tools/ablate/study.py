@@ -169,6 +169,7 @@ class Study:
             "--trainer.enable_progress_bar=false",
             "--trainer.enable_model_summary=false",
             "--attention_maps.enabled=false",  # numbers, not pictures
+            "--projector.enabled=false",
             "--checkpoint.save_top_k=0",  # the study keeps numbers, not weights
             "--checkpoint.save_last=false",
         ]
