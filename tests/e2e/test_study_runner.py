@@ -17,13 +17,13 @@ from shakespeare_gpt.cli import cli_main, refusal
 from shakespeare_gpt.tools.ablate.__main__ import main
 from shakespeare_gpt.tools.ablate.study import Run, Study
 
-from ..tools.test_study import ABLATIONS, VARIANT_FILES
+from ..tools.test_study import ABLATIONS, SIZE_FILES, VARIANT_FILES
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
 
 
-@pytest.mark.parametrize("variant", VARIANT_FILES, ids=lambda p: p.stem)
+@pytest.mark.parametrize("variant", VARIANT_FILES + SIZE_FILES, ids=lambda p: p.stem)
 def test_each_variant_config_works_on_its_own_on_top_of_a_fit_config(variant, capsys):
     with pytest.raises(SystemExit) as exc:
         cli_main(["fit", f"--config={ROOT / 'configs' / 'cpu.yaml'}", f"--config={variant}", "--print_config"])
@@ -33,9 +33,10 @@ def test_each_variant_config_works_on_its_own_on_top_of_a_fit_config(variant, ca
         assert printed[key] == value
 
 
-def test_the_full_scale_study_runs_the_lecture_model_on_a_gpu():
-    """It cannot run here (no GPU); each of its runs is built by the CLI once moved to the CPU."""
-    study = Study.load(ABLATIONS / "full_scale_study.yaml")
+@pytest.mark.parametrize("name", ["full_scale_study.yaml", "capacity_full_scale.yaml"])
+def test_the_full_scale_studies_run_the_lecture_model_on_a_gpu(name):
+    """They cannot run here (no GPU); each of their runs is built by the CLI once moved to the CPU."""
+    study = Study.load(ABLATIONS / name)
     cpu = [
         "--trainer.accelerator=cpu",
         "--trainer.precision=32-true",

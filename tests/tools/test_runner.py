@@ -239,7 +239,7 @@ def finished_study(tmp_path_factory) -> tuple[Path, str, list[int]]:
     from tests.conftest import TINY_TEXT
 
     (folder / "input.txt").write_text(TINY_TEXT)
-    write_tiny_study(folder, folder / "input.txt")
+    write_tiny_study(folder, folder / "input.txt", val=2)  # two validations: a curve
     csv_path = folder / "report" / "results.csv"
     rows = []
     import contextlib
@@ -270,6 +270,28 @@ def test_a_study_runs_its_rounds_and_rewrites_its_csv_after_every_run(finished_s
     result = json.loads((folder / "logs" / "b" / "lr0.001_seed2" / "result.json").read_text())
     assert result["steps"] == 4 and result["best_val_loss"] < result["unigram_val_loss"] + 1
     assert result["settings"] == Study.load(folder / "study.yaml").settings(Run("b", 1e-3, 2))
+
+
+def test_every_run_records_its_curve_and_a_report_draws_them_from_the_committed_files_alone(copy_of):
+    result = json.loads((copy_of / "logs" / "a" / "lr0.001_seed0" / "result.json").read_text())
+    steps, vals, trains = zip(*result["curve"], strict=True)
+    assert steps == (2, 4) and all(math.isfinite(x) for x in vals + trains)  # both validations, in order
+    assert (result["best_val_loss"], result["final_val_loss"]) == (min(vals), vals[-1])
+    assert result["best_step"] == steps[vals.index(min(vals))] and result["parameters"] > 0
+    rows = (copy_of / "report" / "curves.csv").read_text().splitlines()
+    assert rows[0] == "variant,lr,seed,step,val_loss,train_loss" and len(rows) == 1 + 6 * 2  # 6 runs, 2 points each
+    assert f"a,0.001,0,2,{vals[0]!r},{trains[0]!r}" in rows
+    shutil.rmtree(copy_of / "logs")  # what a clone has: the report folder's CSVs
+    study = Study.load(copy_of / "study.yaml")
+    back = read_csv(copy_of / "report" / "results.csv", study)
+    assert next(r for r in back if (r["variant"], r["seed"]) == ("a", 0))["curve"] == result["curve"]
+    from shakespeare_gpt.tools.ablate.report import write_report
+
+    text = write_report(study, back, copy_of / "report", str(copy_of / "study.yaml")).read_text()
+    assert "![curves.png](curves.png)" in text and "![params.png](params.png)" in text
+    assert (copy_of / "report" / "curves.png").stat().st_size > 0 and (copy_of / "report" / "params.png").is_file()
+    assert "## What to expect from a bigger model or a longer run" in text
+    assert "every validation of every run is a row of [curves.csv](curves.csv)" in text
 
 
 def test_a_resumed_study_skips_finished_runs_and_redoes_a_cut_off_one(copy_of, capsys):

@@ -7,7 +7,7 @@ import pytest
 import torch
 import yaml
 
-from shakespeare_gpt.cli import build
+from shakespeare_gpt.cli import build, refusal
 from shakespeare_gpt.tools.ablate.runner import finished_rows
 from shakespeare_gpt.tools.ablate.study import Run, Study
 from shakespeare_gpt.utils import UserError
@@ -15,7 +15,9 @@ from shakespeare_gpt.utils import UserError
 ROOT = Path(__file__).resolve().parents[2]
 ABLATIONS = ROOT / "configs" / "ablations"
 STUDY_FILES = ("seed_scale.yaml", "seed_study.yaml", "full_scale_study.yaml", "tour.yaml")
+STUDY_FILES += ("capacity_scale.yaml", "capacity_study.yaml", "capacity_full_scale.yaml")
 VARIANT_FILES = sorted(p for p in ABLATIONS.glob("*.yaml") if p.name not in STUDY_FILES)
+SIZE_FILES = sorted((ABLATIONS / "sizes").glob("*.yaml"))  # the capacity studies' variants
 
 GOOD_STUDY = """\
 name: s
@@ -80,7 +82,8 @@ STUDY_CASES = [
     (("seeds: [0]", "seeds: [0]\nargs: ['--trainer.logger.init_args.name=x']"), "sets --trainer.logger, which"),
     (("seeds: [0]", "seeds: [0]\nalso: [nope.yaml]"), 'Parser key "also": Not of type Path_fr: File does not exist'),
     (("seeds: [0]\n", CLAIM % "compare: [nd, bb]"), "claim 1 names bb, not a variant of the study"),
-    (("seeds: [0]\n", CLAIM % "compare: [nd]"), 'Parser key "compare": Does not validate'),
+    (("seeds: [0]\n", CLAIM % "compare: [nd]"), "compare [nd] (one variant) takes metric overfit at best_lr"),
+    (("seeds: [0]\n", CLAIM % "compare: [nd, baseline, nd]"), 'Parser key "compare": Does not validate'),
     (("seeds: [0]\n", CLAIM % "compare: [nd, nd]"), "claim 'c': compare [nd, nd] compares a variant with itself"),
     (("seeds: [0]\n", CLAIM % "compare: [nd, baseline], expect: smaller"), 'Parser key "expect": Expected a'),
     (("seeds: [0]\n", CLAIM % "compare: [nd, baseline], metric: loss"), 'Parser key "metric": Expected a'),
@@ -161,7 +164,8 @@ def test_the_seed_study_file_names_every_variant_config():
     assert len(study.claims) >= 11 and study.margin and study.extend_grid and study.max_seeds > len(study.seeds)
     full = Study.load(ABLATIONS / "full_scale_study.yaml")
     assert set(full.variants) == {"baseline", "post_norm", "tied_embeddings"} and len(full.seeds) >= 3
-    assert {c.id for c in full.claims} == {"10", "11"} and study.also == [ABLATIONS / "full_scale_study.yaml"]
+    assert {c.id for c in full.claims} == {"10", "11"}
+    assert study.also == [ABLATIONS / "full_scale_study.yaml", ABLATIONS / "capacity_study.yaml"]
 
 
 def test_the_tour_is_a_short_study_of_the_seed_studys_variants_and_claims():
@@ -183,3 +187,21 @@ def test_a_study_runs_in_fp32_on_every_machine_unless_its_configs_name_a_precisi
     study = Study.load(place / "study.yaml")
     for run, expected in ((Run("baseline", 1e-3, 0), "32-true"), (Run("nd", 1e-3, 0), "bf16-mixed")):
         assert build(study.run_args(run, place / "logs"), save_config=False).trainer.precision == expected
+
+
+def test_the_capacity_studies_test_both_halves_of_the_claim_at_sizes_around_their_recipes():
+    cpu, gpu = Study.load(ABLATIONS / "capacity_study.yaml"), Study.load(ABLATIONS / "capacity_full_scale.yaml")
+    assert cpu.also == [ABLATIONS / "capacity_full_scale.yaml"]
+    for study, recipe in ((cpu, "l4_d128"), (gpu, "l6_d384")):
+        assert study.variants[recipe] == [] and len(study.variants) == 3  # the recipe, one size down and one up
+        assert len(study.learning_rates) == 1 and len(study.seeds) >= 3
+        steps, bigger = study.claims
+        assert [p.compare for p in steps.parts] == [(v,) for v in study.variants]  # every size on its own
+        assert [p.compare for p in bigger.parts] == list(zip(study.variants, list(study.variants)[1:], strict=False))
+        parts = [p for c in study.claims for p in c.parts]
+        assert all(p.metric == "overfit" and p.expect == "higher" and p.by == 0.05 for p in parts)
+    config = yaml.safe_load(cpu.base.read_text())
+    assert config["model"].get("lr_schedule", "constant") == "constant"  # val at step s: an s-step run's
+    assert "--trainer.max_steps=10000" in gpu.args
+    for variant in cpu.variants:  # each run as the runner builds it
+        assert refusal(cpu.run_args(Run(variant, cpu.learning_rates[0], 0), Path("unused"))) is None

@@ -8,6 +8,7 @@ import yaml
 
 from shakespeare_gpt.tools.ablate.study import Study
 from shakespeare_gpt.tools.ablate.verdicts import aggregate, contrast, evaluate
+from shakespeare_gpt.utils import UserError
 
 
 def results(spec: dict[tuple[str, float], list[float]], gaps: dict | None = None, unigram: float = 3.3) -> list[dict]:
@@ -159,3 +160,33 @@ def test_a_claim_on_a_variant_without_results_is_not_run_and_no_shared_rate_is_n
     assert (v.verdict, v.note) == ("not run", "needs variants: b")
     spec = {("a", 1e-3): [2.0, 2.1], ("b", 1e-2): [2.0, 2.1]}
     assert verdict(tmp_path, {"compare": ["a", "b"], "at": "every_lr"}, spec) == "not testable"
+
+
+def rising(variant: str, best: list[float], rises: list[float], lr: float = LR) -> list[dict]:
+    """Rows of runs whose val loss fell to ``best`` and then rose by ``rises`` (final = best + rise)."""
+    rows = results({(variant, lr): best})
+    for r, rise in zip(rows, rises, strict=True):
+        r["final_val_loss"] = r["best_val_loss"] + rise
+    return rows
+
+
+def test_overfit_is_final_val_minus_best_val_judged_against_the_declared_threshold(tmp_path):
+    rows = rising("a", [1.6, 1.62, 1.61], [0.10, 0.12, 0.11]) + rising("b", [1.7, 1.71, 1.69], [0.0, 0.01, 0.005])
+    table = aggregate(rows)
+    assert table["a"][LR].overfits == pytest.approx([0.10, 0.12, 0.11])
+    sharp = {"metric": "overfit", "expect": "higher", "by": 0.05}
+    s = study(tmp_path, [{"claim": "c", "compare": ["a"], **sharp}, {"claim": "d", "compare": ["b"], **sharp}])
+    rises, flat = evaluate(s, table)
+    # By hand: mean 0.11, sd 0.01, n 3: 0.11 +- t(0.975, 2) 4.3027 * 0.01 / sqrt(3) = [0.0852, 0.1348], above 0.05.
+    (t,) = rises.tests
+    assert (t.estimate.d, t.estimate.lo, t.estimate.hi) == pytest.approx((0.11, 0.08516, 0.13484), abs=1e-4)
+    assert rises.verdict == "supported"  # a rise past the threshold: sharp overfitting
+    assert flat.verdict == "contradicted"  # [-0.0074, 0.0174]: below 0.05, whether or not it rose at all
+    bigger = {"claim": "e", "compare": ["a", "b"], **sharp}  # a's rise minus b's: 0.105 [0.077, 0.133]
+    assert evaluate(study(tmp_path, [bigger]), table)[0].verdict == "supported"
+    assert evaluate(study(tmp_path, [{**bigger, "compare": ["b", "a"]}]), table)[0].verdict == "contradicted"
+
+
+def test_a_claim_on_one_variant_takes_the_overfit_metric_only(tmp_path):
+    with pytest.raises(UserError, match=r"compare \[a\] \(one variant\) takes metric overfit at best_lr"):
+        study(tmp_path, [{"claim": "c", "compare": ["a"], "expect": "higher"}])

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import os
 import statistics
 from pathlib import Path
 
@@ -52,8 +53,7 @@ def half_width(samples: list[float]) -> float:
     return t_quantile(0.5 + LEVEL / 2, len(samples) - 1) * statistics.stdev(samples) / math.sqrt(len(samples))
 
 
-def plot(table: Table, out: Path) -> list[str]:
-    """val_vs_lr.png (a panel per variant), best_val.png and gap.png (a bar per variant at its best lr)."""
+def pyplot():
     try:
         import matplotlib
     except ImportError:
@@ -61,6 +61,12 @@ def plot(table: Table, out: Path) -> list[str]:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    return plt
+
+
+def plot(table: Table, out: Path) -> list[str]:
+    """val_vs_lr.png (a panel per variant), best_val.png and gap.png (a bar per variant at its best lr)."""
+    plt = pyplot()
     variants = sorted(table, key=lambda v: table[v][best_lr(table[v])].val)
     cols, rows = 4, -(-len(variants) // 4)
     fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
@@ -107,14 +113,106 @@ def plot(table: Table, out: Path) -> list[str]:
     return ["val_vs_lr.png", "best_val.png", "gap.png"]
 
 
+def by_size(table: Table, results: list[dict]) -> list[tuple[str, float, list[dict]]]:
+    """Each variant with a curve, smallest first: its name, best lr, and the runs there (one per seed)."""
+    rows = []
+    for v in table:
+        lr = best_lr(table[v])
+        runs = [r for r in results if r["variant"] == v and float(r["lr"]) == lr and r.get("curve")]
+        if runs and all(r.get("parameters") for r in runs):
+            rows.append((v, lr, runs))
+    return sorted(rows, key=lambda row: row[2][0]["parameters"])
+
+
+def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
+    """curves.png: val and train loss against step, a panel per variant (the mean over seeds, their range
+    shaded); params.png: best val loss against parameters. None without curves."""
+    sizes = by_size(table, results)
+    if not sizes:
+        return []
+    plt = pyplot()
+    cols = min(4, len(sizes))
+    rows = -(-len(sizes) // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
+    for ax, (v, _, runs) in zip(axes.flat, sizes, strict=False):
+        steps = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in runs)))  # where every seed was measured
+        for column, (name, style) in enumerate([("val", "-"), ("train", "--")], 1):
+            losses = [[dict((p[0], p[column]) for p in r["curve"])[s] for s in steps] for r in runs]
+            lo, hi = (list(map(f, zip(*losses, strict=True))) for f in (min, max))
+            ax.plot(steps, [statistics.mean(x) for x in zip(*losses, strict=True)], style, label=name)
+            ax.fill_between(steps, lo, hi, alpha=0.3)
+        ax.set_title(f"{v} ({runs[0]['parameters'] / 1e6:.2f}M parameters)", fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in axes.flat[len(sizes) :]:
+        ax.axis("off")
+    axes[0, 0].legend()
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("loss (nats per character)")
+    fig.suptitle("Val and train loss against step (mean over seeds; shaded: their range)")
+    fig.tight_layout()
+    fig.savefig(out / "curves.png", dpi=100)
+    plt.close(fig)
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    params = [runs[0]["parameters"] for _, _, runs in sizes]
+    points = [table[v][lr] for v, lr, _ in sizes]
+    ax.errorbar(params, [p.val for p in points], yerr=[half_width(p.vals) for p in points], marker="o", capsize=3)
+    for x, p, (v, _, _) in zip(params, points, sizes, strict=True):
+        ax.annotate(v, (x, p.val), textcoords="offset points", xytext=(4, 4), fontsize=8)
+    ax.set_xscale("log")
+    ax.set_xlabel("parameters")
+    ax.set_ylabel("best val loss (95% t interval)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(out / "params.png", dpi=100)
+    plt.close(fig)
+    return ["curves.png", "params.png"]
+
+
+def what_to_expect(table: Table, results: list[dict]) -> list[str]:
+    """In plain words and these runs' numbers: what a bigger model or a longer run gives. None without curves."""
+    sizes = by_size(table, results)
+    if not sizes:
+        return []
+    steps = max(r["steps"] for _, _, runs in sizes for r in runs)
+    best = min(sizes, key=lambda row: table[row[0]][row[1]].val)[0]
+    bigger = [v for v, _, _ in sizes[[v for v, _, _ in sizes].index(best) + 1 :]]
+    rises = {v: statistics.mean(table[v][lr].overfits) for v, lr, _ in sizes}
+    most = max(rises, key=rises.get)
+    lines = [
+        f"- {v}, {runs[0]['parameters']:,} parameters: lowest val loss {table[v][lr].val:.3f} (at step "
+        f"{statistics.mean(r['best_step'] for r in runs):,.0f} on average), {table[v][lr].final_val:.3f} at step "
+        f"{steps:,}: a rise of {rises[v]:.3f}."
+        for v, lr, runs in sizes
+    ]
+    return [
+        "## What to expect from a bigger model or a longer run",
+        "",
+        f"Each size trained for {steps:,} steps at one learning rate, its val loss measured at every validation "
+        f"(means over seeds). The lowest val loss was {best}'s ({table[best][best_lr(table[best])].val:.3f})"
+        + (f"; the bigger {', '.join(bigger)} did not go lower" if bigger else ", the biggest size's")
+        + (
+            f". After its lowest point, a size's val loss rose by {min(rises.values()):.3f} to "
+            f"{max(rises.values()):.3f} by step {steps:,}, the most for {most}: a run longer than that point gains "
+            "nothing, and `fit` keeps the checkpoint with the lowest val loss (`best-*.ckpt`) whatever comes after it."
+            if max(rises.values()) > 0
+            else f". No size's val loss had risen by step {steps:,}: each was at its lowest, so a longer run may help."
+        ),
+        "",
+        *lines,
+    ]
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|")
 
 
 def _point(table: Table, v: str, lr: float, metric: str) -> str:
-    p = table[v][lr]
-    mean, sd = (p.gap, p.gap_sd) if metric == "gap" else (p.val, p.val_sd)
-    return f"{v} {mean:.4f} (sd {sd:.4f}, n={p.n}) at lr {lr:g}"
+    samples = table[v][lr].samples(metric)
+    sd = statistics.stdev(samples) if len(samples) > 1 else math.nan
+    return f"{v} {statistics.mean(samples):.4f} (sd {sd:.4f}, n={len(samples)}) at lr {lr:g}"
 
 
 def verdict_rows(table: Table, verdicts: list[Verdict]) -> list[str]:
@@ -122,8 +220,10 @@ def verdict_rows(table: Table, verdicts: list[Verdict]) -> list[str]:
     lines = ["| # | claim | verdict | numbers (d = a - b, 95% interval) |", "|---|---|---|---|"]
     for v in verdicts:
         evidence = v.note or "; ".join(
-            f"{t.part.a} vs {t.part.b}, {t.part.metric} {t.part.expect}, {t.label}: d = {t.estimate} -> {t.verdict}"
-            + (f" ({' - '.join(_point(table, *p, t.part.metric) for p in t.points)})" if len(t.points) == 2 else "")
+            " vs ".join(t.part.compare)
+            + f", {t.part.metric} {t.part.expect}{f' by {t.part.by:g}' if t.part.by else ''}, {t.label}: "
+            + f"d = {t.estimate} -> {t.verdict}"
+            + (f" ({' - '.join(_point(table, *p, t.part.metric) for p in t.points)})" if len(t.points) <= 2 else "")
             for t in v.tests
         )
         lines.append(f"| {v.claim.id} | {_cell(v.claim.claim)} | **{v.verdict}** | {_cell(evidence)} |")
@@ -136,7 +236,8 @@ def companion(path: Path, reports: Path) -> list[str]:
     csv_path = reports / other.name / "results.csv"
     lines = [f"## Also: {other.name} (`{path.name}`)", ""]
     if not csv_path.is_file():
-        return [*lines, f"Not yet measured: there is no `{other.name}/results.csv` beside this report."]
+        command = f"python -m shakespeare_gpt.tools.ablate {os.path.relpath(path)}"
+        return [*lines, f"Not yet measured: there is no `{other.name}/results.csv` beside this report: `{command}`."]
     results = read_csv(csv_path, other)
     table = aggregate(results)
     machines = sorted({r.get("machine", "") for r in results} - {""})
@@ -168,6 +269,7 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     command = f"python -m shakespeare_gpt.tools.ablate {study_file}"
     command += "" if out == Path("reports", study.name) else f" --report {out}"  # not the default folder
     wanted, notes = plan(study, results)
+    plots_curves = any(r.get("curve") for r in results)
     lines = [f"# Ablation study: {study.name}", ""]
     if missing := missing_runs(wanted, results):
         lines += [
@@ -194,7 +296,9 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "",
         "Losses are full passes: `val` over the whole val split, `train` over a train stretch of the "
         "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "
-        "`final` the last; the gap is final val - final train.",
+        "`final` the last; the gap is final val - final train; overfit is final val - best val, how far the "
+        "val loss rose after its lowest point (0 when the last validation is the lowest)"
+        + (", and every validation of every run is a row of [curves.csv](curves.csv)." if plots_curves else "."),
         "",
         "## Verdicts",
         "",
@@ -207,6 +311,9 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         lines += [f"- {note}" for note in notes]
     for other in study.also:
         lines += ["", *companion(other, out.parent)]
+    plots += plot_curves(table, results, out)
+    if expect := what_to_expect(table, results):
+        lines += ["", *expect]
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)]
     lines += [
         "",

@@ -33,9 +33,11 @@ from .verdicts import aggregate, best_lr, evaluate, fails_to_train
 COLUMNS = (
     *("variant", "lr", "seed", "diverged", "steps", "best_val_loss", "final_val_loss", "best_train_loss"),
     *("final_train_loss", "final_gap", "unigram_val_loss", "seconds", "commit", "machine", "settings"),
+    *("best_step", "parameters"),  # later columns: empty in rows of runs made before them
 )
 FLOATS = ("lr", "best_val_loss", "final_val_loss", "best_train_loss", "final_train_loss", "final_gap")
 FLOATS += ("unigram_val_loss", "seconds")
+CURVE_COLUMNS = ("variant", "lr", "seed", "step", "val_loss", "train_loss")  # curves.csv: every validation of a run
 
 
 class Engine(Protocol):
@@ -51,14 +53,16 @@ class Engine(Protocol):
 
 
 class MetricHistory(Callback):
-    """Keeps the losses of every complete validation pass of a run, read from the trainer."""
+    """Keeps the step and losses of every complete validation pass of a run, read from the trainer."""
 
     def __init__(self) -> None:
+        self.steps: list[int] = []
         self.val: list[float] = []
         self.train: list[float] = []
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking:
+            self.steps.append(trainer.global_step)
             self.val.append(float(trainer.callback_metrics["val/loss"]))
             self.train.append(float(trainer.callback_metrics["train_eval/loss"]))
 
@@ -88,7 +92,9 @@ def execute(study: Study, run: Run, study_dir: Path, commit: str) -> dict:
         if not diverged:
             raise RuntimeError(f"run {folder} stopped before its first validation")
         # It diverged before its first validation: scored as an untrained model (uniform over the vocabulary).
-        history.val = history.train = [math.log(len(cli.model.tokenizer))]
+        history.steps, history.val = [0], [math.log(len(cli.model.tokenizer))]
+        history.train = history.val
+    best = min(range(len(history.val)), key=history.val.__getitem__)
     result = {
         **{"variant": run.variant, "lr": run.lr, "seed": run.seed, "diverged": diverged},
         "steps": cli.trainer.global_step,
@@ -100,6 +106,9 @@ def execute(study: Study, run: Run, study_dir: Path, commit: str) -> dict:
         "unigram_val_loss": unigram_loss(data.train_data, data.val_data, len(cli.model.tokenizer)),
         "seconds": time.perf_counter() - start,
         **{"commit": commit, "machine": machine(), "settings": settings},
+        "best_step": history.steps[best],
+        "parameters": cli.model.model.num_parameters(),
+        "curve": [list(point) for point in zip(history.steps, history.val, history.train, strict=True)],
     }
     if not diverged:  # TensorBoard's HParams tab: every run with its switches and final losses
         switches = {k: v for k, v in cli.model.hparams.items() if k not in ("vocab", "learning_rate")}
@@ -287,23 +296,48 @@ def _write_rows(f, results: list[dict], header: bool = True) -> None:
 
 
 def write_csv(results: list[dict], path: Path) -> None:
-    """Every run as a row, sorted, floats in full; the file is replaced whole or not at all."""
+    """Every run as a row, sorted, floats in full; the file is replaced whole or not at all. The runs' curves
+    (their losses at every validation) go to ``curves.csv`` beside it, where any run has one."""
     with atomic_open(path, newline="") as f:
         _write_rows(f, results)
+    if any(r.get("curve") for r in results):
+        with atomic_open(path.with_name("curves.csv"), newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(CURVE_COLUMNS)
+            for r in sorted(results, key=lambda r: (r["variant"], r["lr"], r["seed"])):
+                writer.writerows([r["variant"], repr(r["lr"]), r["seed"], *point] for point in r.get("curve") or [])
+
+
+def read_curves(path: Path) -> dict[tuple[str, float, int], list[list]]:
+    """The curves of ``curves.csv`` (absent: none), by run: [[step, val loss, train loss], ...]."""
+    curves: dict[tuple[str, float, int], list[list]] = {}
+    if not path.is_file():
+        return curves
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            for row in csv.DictReader(f):
+                key = (row["variant"], float(row["lr"]), int(row["seed"]))
+                curves.setdefault(key, []).append([int(row["step"]), float(row["val_loss"]), float(row["train_loss"])])
+    except (csv.Error, UnicodeDecodeError, KeyError, TypeError, ValueError) as e:
+        raise UserError(f"{path}: not an ablate curves.csv ({e}): restore it (git checkout) or move it away") from None
+    return curves
 
 
 def _rows(path: Path) -> list[tuple[int, dict]]:
     """The rows of a results.csv with their line numbers, typed; one-line errors for a broken file."""
     rows, seen = [], {}
     try:
+        curves = read_curves(path.with_name("curves.csv"))
         with open(path, newline="", encoding="utf-8") as f:
             for line, row in enumerate(csv.DictReader(f), 2):
                 try:
                     r = {**row, **{k: float(row[k]) for k in FLOATS}}
                     r.update(seed=int(row["seed"]), steps=int(row["steps"]), diverged=row["diverged"] == "True")
+                    r.update({k: int(row[k]) if row.get(k) else None for k in ("best_step", "parameters")})
                 except (KeyError, TypeError, ValueError) as e:
                     raise UserError(f"{path}, line {line}: not a row of an ablate results.csv ({e})") from None
                 key = (r["variant"], r["lr"], r["seed"])
+                r["curve"] = curves.get(key)
                 if key in seen:
                     raise UserError(f"{path}, line {line}: the run {key} is also on line {seen[key]}: each run once")
                 seen[key] = line

@@ -16,7 +16,14 @@ from typing import Literal
 
 import yaml
 from jsonargparse import ArgumentError, ArgumentParser
-from jsonargparse.typing import NonNegativeInt, Path_fr, PositiveFloat, restricted_number_type, restricted_string_type
+from jsonargparse.typing import (
+    NonNegativeFloat,
+    NonNegativeInt,
+    Path_fr,
+    PositiveFloat,
+    restricted_number_type,
+    restricted_string_type,
+)
 
 from ...utils import LearningRate, UserError, one_line
 
@@ -25,7 +32,9 @@ EXAMPLE = "configs/ablations/seed_study.yaml"
 FOLDER_NAME = r"[A-Za-z0-9_][A-Za-z0-9_.-]*"
 FolderName = restricted_string_type("FolderName", rf"^{FOLDER_NAME}\Z")
 Seed = restricted_number_type("Seed", int, [(">=", 0), ("<", 2**32)])
-Metric = Literal["val", "gap", "lr_spread"]  # best val loss; final val - train; val at worst lr - val at best lr
+# best val loss; final val - final train; val at worst lr - val at best lr; final val - best val (the rise after
+# the lowest point: overfitting)
+Metric = Literal["val", "gap", "lr_spread", "overfit"]
 At = Literal["best_lr", "every_lr", "across_lr"]  # each at its best lr; at each lr; d at each lr - d at the middle lr
 Expect = Literal["lower", "higher", "equal", "not_lower", "not_higher"]
 # What the study sets for each run (``run_args``): the same flag in ``args`` would be silently overridden.
@@ -40,21 +49,22 @@ RESERVED = {
 
 @dataclass(frozen=True)
 class Comparison:
-    """One test of a claim: ``metric(a) - metric(b)`` is expected to be ``expect``. In a claim's ``all``
-    list, a field left out is the claim's."""
+    """One test of a claim: ``metric(a) - metric(b)`` (``metric(a)`` for ``compare: [a]``) is expected to be
+    ``expect``: lower or higher by more than ``by``. In a claim's ``all`` list, a field left out is the claim's."""
 
-    compare: tuple[str, str]  # [a, b]
+    compare: tuple[str, str] | tuple[str]  # [a, b], or [a]
     metric: Metric | None = None
     at: At | None = None
     expect: Expect | None = None
+    by: float | None = None
 
     @property
     def a(self) -> str:
         return self.compare[0]
 
     @property
-    def b(self) -> str:
-        return self.compare[1]
+    def b(self) -> str | None:
+        return self.compare[1] if len(self.compare) > 1 else None
 
 
 @dataclass
@@ -63,10 +73,11 @@ class Claim:
 
     claim: str  # its words, as the report shows them
     id: int | str | None = None  # default: its place in the list
-    compare: tuple[str, str] | None = None
+    compare: tuple[str, str] | tuple[str] | None = None
     metric: Metric = "val"
     at: At = "best_lr"
     expect: Expect = "lower"
+    by: NonNegativeFloat = 0.0  # lower or higher by more than this (nats): a declared threshold, e.g. for "sharp"
     all: list[Comparison] | None = None
 
     def __post_init__(self) -> None:
@@ -74,10 +85,16 @@ class Claim:
             raise UserError(f"claim {self.claim!r}: give either compare: [a, b] or all: [comparisons]")
         given = [Comparison(self.compare)] if self.compare else self.all
         self.parts = tuple(
-            Comparison(p.compare, p.metric or self.metric, p.at or self.at, p.expect or self.expect) for p in given
+            Comparison(p.compare, p.metric or self.metric, p.at or self.at, p.expect or self.expect, p.by or self.by)
+            for p in given
         )
         if same := next((p.a for p in self.parts if p.a == p.b), None):
             raise UserError(f"claim {self.claim!r}: compare [{same}, {same}] compares a variant with itself")
+        if alone := next((p for p in self.parts if p.b is None and (p.metric != "overfit" or p.at != "best_lr")), None):
+            raise UserError(
+                f"claim {self.claim!r}: compare [{alone.a}] (one variant) takes metric overfit at best_lr: "
+                "name a second variant to compare with"
+            )
 
 
 @dataclass

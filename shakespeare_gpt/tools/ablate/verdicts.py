@@ -20,6 +20,7 @@ class Point:
 
     vals: list[float]  # best val loss of each seed
     gaps: list[float]  # final val - final train of each seed
+    overfits: list[float]  # final val - best val of each seed: how far val loss rose after its lowest point
     diverged: int  # seeds whose loss became NaN or infinite (reported from their validations before)
     final_val: float
     best_train: float
@@ -31,7 +32,7 @@ class Point:
         self.val_sd, self.gap_sd = (statistics.stdev(x) if self.n > 1 else math.nan for x in (self.vals, self.gaps))
 
     def samples(self, metric: str) -> list[float]:
-        return self.gaps if metric == "gap" else self.vals
+        return {"gap": self.gaps, "overfit": self.overfits}.get(metric, self.vals)
 
 
 Table = dict[str, dict[float, Point]]  # variant -> lr -> point
@@ -47,6 +48,7 @@ def aggregate(results: list[dict]) -> Table:
         table[variant][lr] = Point(
             vals=[r["best_val_loss"] for r in rs],
             gaps=[r["final_gap"] for r in rs],
+            overfits=[r["final_val_loss"] - r["best_val_loss"] for r in rs],
             diverged=sum(bool(r.get("diverged")) for r in rs),
             final_val=statistics.mean(r["final_val_loss"] for r in rs),
             best_train=statistics.mean(r["best_train_loss"] for r in rs),
@@ -103,15 +105,15 @@ def contrast(terms: list[tuple[float, list[float]]]) -> Estimate:
     return Estimate(d, d - half, d + half, df)
 
 
-def judge(expect: str, est: Estimate, margin: float | None) -> str:
+def judge(expect: str, est: Estimate, margin: float | None, by: float = 0.0) -> str:
     """supported / contradicted / inconclusive, by the rule in ``report.RULE``."""
     lo, hi = est.lo, est.hi
     if math.isnan(lo):
         return "inconclusive"
     m = margin or 0.0
     rules = {  # (supported when, contradicted when)
-        "lower": (hi < 0, lo > 0),
-        "higher": (lo > 0, hi < 0),
+        "lower": (hi < -by, lo > -by),
+        "higher": (lo > by, hi < by),
         "equal": (-m < lo and hi < m, lo > m or hi < -m),
         "not_lower": (lo > -m, hi < -m),
         "not_higher": (hi < m, lo > m),
@@ -149,15 +151,19 @@ class Verdict:
 
 def compare(table: Table, part: Comparison, margin: float | None) -> list[Test]:
     """The tests of one comparison: one, or one per learning rate."""
-    a, b, metric = table[part.a], table[part.b], part.metric
+    a, b, metric = table[part.a], table[part.b or part.a], part.metric
     shared = sorted(set(a) & set(b))
     tests = []
 
     def test(label: str, terms: list[tuple[float, str, float]]) -> None:
         est = contrast([(c, table[v][lr].samples(metric)) for c, v, lr in terms])
-        tests.append(Test(part, label, est, judge(part.expect, est, margin), [(v, lr) for _, v, lr in terms]))
+        verdict = judge(part.expect, est, margin, part.by or 0.0)
+        tests.append(Test(part, label, est, verdict, [(v, lr) for _, v, lr in terms]))
 
-    if part.metric == "lr_spread":
+    if part.b is None:  # one variant's metric against the threshold ``by``
+        la = best_lr(a)
+        test(f"at its best lr ({la:g})", [(1, part.a, la)])
+    elif part.metric == "lr_spread":
         if len(shared) < 2:
             return []
         worst = {v: max(shared, key=lambda lr, v=v: table[v][lr].val) for v in part.compare}
