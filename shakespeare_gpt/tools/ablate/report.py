@@ -64,12 +64,31 @@ def pyplot():
     return plt
 
 
+def panel_grid(plt, n: int, cols: int = 4):
+    """A figure of ``n`` panels, ``cols`` to a row, sharing their axes."""
+    rows = -(-n // cols)
+    return plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
+
+
+def save_grid(plt, fig, axes, n: int, xlabel: str, ylabel: str, title: str, path: Path) -> None:
+    """Label a ``panel_grid`` of ``n`` used panels, blank the others, and write it to ``path``."""
+    for ax in axes.flat[n:]:
+        ax.axis("off")
+    for ax in axes[-1]:
+        ax.set_xlabel(xlabel)
+    for ax in axes[:, 0]:
+        ax.set_ylabel(ylabel)
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
 def plot(table: Table, out: Path) -> list[str]:
     """val_vs_lr.png (a panel per variant), best_val.png and gap.png (a bar per variant at its best lr)."""
     plt = pyplot()
     variants = sorted(table, key=lambda v: table[v][best_lr(table[v])].val)
-    cols, rows = 4, -(-len(variants) // 4)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
+    fig, axes = panel_grid(plt, len(variants))
     ref = table.get("baseline")
     for ax, v in zip(axes.flat, variants, strict=False):
         lrs = sorted(table[v])
@@ -80,18 +99,10 @@ def plot(table: Table, out: Path) -> list[str]:
         ax.set_xscale("log")
         ax.set_title(v, fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(variants) :]:
-        ax.axis("off")
     every_lr = [lr for points in table.values() for lr in points]
     axes[0, 0].set_xlim(min(every_lr) / 2, max(every_lr) * 2)  # shared; autoscaled, one lr leaves it no width
-    for ax in axes[-1]:
-        ax.set_xlabel("learning rate")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("best val loss")
-    fig.suptitle("Best val loss against learning rate (mean over seeds, 95% t interval)")
-    fig.tight_layout()
-    fig.savefig(out / "val_vs_lr.png", dpi=100)
-    plt.close(fig)
+    title = "Best val loss against learning rate (mean over seeds, 95% t interval)"
+    save_grid(plt, fig, axes, len(variants), "learning rate", "best val loss", title, out / "val_vs_lr.png")
 
     for name, metric, label in [
         ("best_val.png", "val", "best val loss at the variant's best learning rate (95% t interval)"),
@@ -131,9 +142,7 @@ def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
     if not sizes:
         return []
     plt = pyplot()
-    cols = min(4, len(sizes))
-    rows = -(-len(sizes) // cols)
-    fig, axes = plt.subplots(rows, cols, figsize=(4 * cols, 3 * rows), sharex=True, sharey=True, squeeze=False)
+    fig, axes = panel_grid(plt, len(sizes), cols=min(4, len(sizes)))
     for ax, (v, _, runs) in zip(axes.flat, sizes, strict=False):
         steps = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in runs)))  # where every seed was measured
         for column, (name, style) in enumerate([("val", "-"), ("train", "--")], 1):
@@ -143,17 +152,9 @@ def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
             ax.fill_between(steps, lo, hi, alpha=0.3)
         ax.set_title(f"{v} ({runs[0]['parameters'] / 1e6:.2f}M parameters)", fontsize=10)
         ax.grid(alpha=0.3)
-    for ax in axes.flat[len(sizes) :]:
-        ax.axis("off")
     axes[0, 0].legend()
-    for ax in axes[-1]:
-        ax.set_xlabel("step")
-    for ax in axes[:, 0]:
-        ax.set_ylabel("loss (nats per character)")
-    fig.suptitle("Val and train loss against step (mean over seeds; shaded: their range)")
-    fig.tight_layout()
-    fig.savefig(out / "curves.png", dpi=100)
-    plt.close(fig)
+    title = "Val and train loss against step (mean over seeds; shaded: their range)"
+    save_grid(plt, fig, axes, len(sizes), "step", "loss (nats per character)", title, out / "curves.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     params = [runs[0]["parameters"] for _, _, runs in sizes]
