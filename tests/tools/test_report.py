@@ -13,7 +13,7 @@ from shakespeare_gpt.tools.ablate.runner import write_csv
 from shakespeare_gpt.tools.ablate.study import Run
 from shakespeare_gpt.tools.ablate.verdicts import aggregate
 
-from .test_verdicts import FLAT, MIDDLE, grid, results, shifted, study
+from .test_verdicts import FLAT, LR, MIDDLE, grid, results, shifted, study
 
 
 def test_the_report_shows_each_verdict_with_its_numbers_and_the_plots(tmp_path):
@@ -75,3 +75,25 @@ def test_a_study_named_under_also_joins_the_report_and_says_when_it_is_not_finis
     text = report()
     assert "18 runs; machine(s)" in text and "Not finished" not in text
     assert "| 10 | a beats b at full scale. | **supported** |" in text
+
+
+def test_what_to_expect_says_in_numbers_which_size_still_improved_and_which_rose(tmp_path):
+    s = study(tmp_path, [{"id": 1, "claim": "c", "compare": ["a", "b"]}], lrs=[LR])
+    # Val loss at steps 100-400 (seed s adds 0.01 s): the big a is lowest at step 200, then rises; b still falls.
+    curves, params = {"a": [2.0, 1.5, 1.6, 1.65], "b": [2.2, 2.0, 1.9, 1.8]}, {"a": 1000, "b": 100}
+    rows = results({(v, LR): [min(c)] * 3 for v, c in curves.items()})
+    for r in rows:
+        vals = [x + 0.01 * r["seed"] for x in curves[r["variant"]]]
+        r |= {"curve": [[100 * (i + 1), x, x - 0.2] for i, x in enumerate(vals)], "parameters": params[r["variant"]]}
+        r |= {"best_val_loss": min(vals), "final_val_loss": vals[-1], "best_step": 100 * (vals.index(min(vals)) + 1)}
+    text = write_report(s, rows, tmp_path / "report", str(tmp_path / "study.yaml")).read_text()
+    assert (
+        "The lowest val loss was a's (1.510), the biggest size's. Over the last quarter of the run, the val loss "
+        "still fell for b (by 0.100): a longer run would still help. Over the last quarter of the run, the val loss "
+        "rose for a (by 0.050): a run longer than its lowest point gains nothing." in text
+    )
+    assert "- b, 100 parameters: lowest val loss 1.810 (at step 400 on average), 1.810 at step 400" in text
+    assert (
+        "- a, 1,000 parameters: lowest val loss 1.510 (at step 200 on average), 1.660 at step 400, a rise of "
+        "0.150 after its lowest point; from step 300 to the end it rose by 0.050." in text
+    )

@@ -135,6 +135,12 @@ def by_size(table: Table, results: list[dict]) -> list[tuple[str, float, list[di
     return sorted(rows, key=lambda row: row[2][0]["parameters"])
 
 
+def seed_curves(runs: list[dict], column: int) -> tuple[list[int], list[list[float]]]:
+    """The steps every seed was measured at, and each seed's loss there (column 1: val, 2: train)."""
+    steps = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in runs)))
+    return steps, [[dict((p[0], p[column]) for p in r["curve"])[s] for s in steps] for r in runs]
+
+
 def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
     """curves.png: val and train loss against step, a panel per variant (the mean over seeds, their range
     shaded); params.png: best val loss against parameters. None without curves."""
@@ -144,9 +150,8 @@ def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
     plt = pyplot()
     fig, axes = panel_grid(plt, len(sizes), cols=min(4, len(sizes)))
     for ax, (v, _, runs) in zip(axes.flat, sizes, strict=False):
-        steps = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in runs)))  # where every seed was measured
         for column, (name, style) in enumerate([("val", "-"), ("train", "--")], 1):
-            losses = [[dict((p[0], p[column]) for p in r["curve"])[s] for s in steps] for r in runs]
+            steps, losses = seed_curves(runs, column)
             lo, hi = (list(map(f, zip(*losses, strict=True))) for f in (min, max))
             ax.plot(steps, [statistics.mean(x) for x in zip(*losses, strict=True)], style, label=name)
             ax.fill_between(steps, lo, hi, alpha=0.3)
@@ -177,33 +182,33 @@ def what_to_expect(table: Table, results: list[dict]) -> list[str]:
     sizes = by_size(table, results)
     if not sizes:
         return []
-    steps = max(r["steps"] for _, _, runs in sizes for r in runs)
+    lines, late = [], {}  # late: the change of the mean val loss over the run's last quarter
+    for v, lr, runs in sizes:
+        steps, vals = seed_curves(runs, 1)
+        mean = [statistics.mean(x) for x in zip(*vals, strict=True)]
+        quarter = next(i for i, s in enumerate(steps) if s >= steps[-1] * 3 / 4)
+        late[v] = mean[-1] - mean[quarter]
+        lines.append(
+            f"- {v}, {runs[0]['parameters']:,} parameters: lowest val loss {table[v][lr].val:.3f} (at step "
+            f"{statistics.mean(r['best_step'] for r in runs):,.0f} on average), {table[v][lr].final_val:.3f} at step "
+            f"{steps[-1]:,}, a rise of {statistics.mean(table[v][lr].overfits):.3f} after its lowest point; from "
+            f"step {steps[quarter]:,} to the end it {'fell' if late[v] < 0 else 'rose'} by {abs(late[v]):.3f}."
+        )
     best = min(sizes, key=lambda row: table[row[0]][row[1]].val)[0]
     bigger = [v for v, _, _ in sizes[[v for v, _, _ in sizes].index(best) + 1 :]]
-    rises = {v: statistics.mean(table[v][lr].overfits) for v, lr, _ in sizes}
-    most = max(rises, key=rises.get)
-    lines = [
-        f"- {v}, {runs[0]['parameters']:,} parameters: lowest val loss {table[v][lr].val:.3f} (at step "
-        f"{statistics.mean(r['best_step'] for r in runs):,.0f} on average), {table[v][lr].final_val:.3f} at step "
-        f"{steps:,}: a rise of {rises[v]:.3f}."
-        for v, lr, runs in sizes
-    ]
-    return [
-        "## What to expect from a bigger model or a longer run",
-        "",
-        f"Each size trained for {steps:,} steps at one learning rate, its val loss measured at every validation "
-        f"(means over seeds). The lowest val loss was {best}'s ({table[best][best_lr(table[best])].val:.3f})"
-        + (f"; the bigger {', '.join(bigger)} did not go lower" if bigger else ", the biggest size's")
-        + (
-            f". After its lowest point, a size's val loss rose by {min(rises.values()):.3f} to "
-            f"{max(rises.values()):.3f} by step {steps:,}, the most for {most}: a run longer than that point gains "
-            "nothing, and `fit` keeps the checkpoint with the lowest val loss (`best-*.ckpt`) whatever comes after it."
-            if max(rises.values()) > 0
-            else f". No size's val loss had risen by step {steps:,}: each was at its lowest, so a longer run may help."
-        ),
-        "",
-        *lines,
-    ]
+    text = "Each size trained at one learning rate, its val loss measured at every validation (means over seeds). "
+    text += f"The lowest val loss was {best}'s ({table[best][best_lr(table[best])].val:.3f})"
+    text += f"; the bigger {', '.join(bigger)} did not go lower." if bigger else ", the biggest size's."
+    for names, went, meaning in [
+        ([v for v in late if late[v] < 0], "still fell", "a longer run would still help"),
+        ([v for v in late if late[v] >= 0], "rose", "a run longer than its lowest point gains nothing"),
+    ]:
+        if names:
+            amounts = [f"{x:.3f}" for x in sorted(abs(late[v]) for v in names)]
+            text += f" Over the last quarter of the run, the val loss {went} for {', '.join(names)} "
+            text += f"(by {' to '.join(dict.fromkeys([amounts[0], amounts[-1]]))}): {meaning}."
+    text += " Whatever comes after the lowest point, `fit` keeps that checkpoint (`best-*.ckpt`)."
+    return ["## What to expect from a bigger model or a longer run", "", text, "", *lines]
 
 
 def _cell(text: str) -> str:
