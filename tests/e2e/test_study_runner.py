@@ -1,6 +1,7 @@
 """The study runner as a user runs it, on Ray: a study to its report, a second runner refused, real
 signals at random moments, an existing ``ray start`` cluster, and the committed configs on the CLI."""
 
+import csv
 import os
 import random
 import signal
@@ -95,6 +96,9 @@ def test_a_study_on_ray_writes_its_report_csv_and_tensorboard_runs(corpus_dir, t
     assert "| mine | A claim of my own: the same. | **inconclusive** |" in text
     assert "no interval: a point has 1 seed" in text and "Machine(s): " in text
     assert len((report / "results.csv").read_text().splitlines()) == 3
+    (command,) = csv.DictReader((report / "commands.csv").open())  # this command: its wall time, how it ended
+    assert command["ended"] == "finished" and float(command["minutes"]) > 0
+    assert f"; {float(command['minutes']):.1f} min of runner wall time over 1 command(s)" in text
     runs = sorted((tmp_path / "logs" / "smoke").glob("*/*/result.json"))
     assert [p.parent.parent.name for p in runs] == ["baseline", "post_norm"]
     for p in runs:  # each run logged to TensorBoard with its hyperparameters, under one study folder
@@ -218,6 +222,9 @@ def test_an_interrupted_runner_stops_every_worker_and_resumes(corpus_dir, tmp_pa
     assert "2 runs planned, 0 finished, 2 to go" in out
     assert len(list(folders.glob("*/*/result.json"))) == 2
     assert len((tmp_path / "report" / "results.csv").read_text().splitlines()) == 3  # both runs, one row each
+    commands = list(csv.DictReader((tmp_path / "report" / "commands.csv").open()))
+    assert [c["ended"] for c in commands] == [("Ctrl-C" if how == "ctrl-c" else "SIGTERM"), "finished"]
+    assert "over 2 command(s)" in (tmp_path / "report" / "README.md").read_text()
 
 
 @pytest.fixture

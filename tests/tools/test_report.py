@@ -2,6 +2,7 @@
 studies under ``also``, and the plots (from synthetic results: no training)."""
 
 import warnings
+from datetime import datetime
 
 import matplotlib.pyplot as plt
 import numpy as np
@@ -9,7 +10,7 @@ import pytest
 from matplotlib.colors import to_rgb
 
 from shakespeare_gpt.tools.ablate.report import plot, write_report
-from shakespeare_gpt.tools.ablate.runner import write_csv
+from shakespeare_gpt.tools.ablate.runner import log_command, write_csv
 from shakespeare_gpt.tools.ablate.study import Run
 from shakespeare_gpt.tools.ablate.verdicts import aggregate
 
@@ -97,3 +98,18 @@ def test_what_to_expect_says_in_numbers_which_size_still_improved_and_which_rose
         "- a, 1,000 parameters: lowest val loss 1.510 (at step 200 on average), 1.660 at step 400, a rise of "
         "0.150 after its lowest point; from step 300 to the end it rose by 0.050." in text
     )
+
+
+def test_the_runners_wall_time_is_summed_over_the_commands_that_ran_the_study(tmp_path):
+    s = study(tmp_path, [{"id": 1, "claim": "c", "compare": ["a", "b"]}])
+    rows = results(grid(FLAT, FLAT))
+    assert "wall time" not in write_report(s, rows, tmp_path / "r", str(tmp_path / "study.yaml")).read_text()
+    log_command(tmp_path / "r" / "commands.csv", datetime(2026, 1, 2, 3, 4, 5), 63.66, "SIGTERM")
+    log_command(tmp_path / "r" / "commands.csv", datetime(2026, 1, 2, 5, 0), 53.7, "finished")
+    assert (tmp_path / "r" / "commands.csv").read_text().splitlines() == [
+        "started,minutes,ended",
+        "2026-01-02 03:04,63.7,SIGTERM",
+        "2026-01-02 05:00,53.7,finished",
+    ]
+    text = write_report(s, rows, tmp_path / "r", str(tmp_path / "study.yaml")).read_text()
+    assert "each timed in its worker); 117.4 min of runner wall time over 2 command(s), each a row of " in text

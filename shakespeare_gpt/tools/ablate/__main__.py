@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import sys
+import time
 from contextlib import ExitStack
+from datetime import UTC, datetime
 from pathlib import Path
 
 from jsonargparse import ArgumentError, ArgumentParser
@@ -12,7 +14,7 @@ from jsonargparse.typing import NonNegativeFloat, PositiveInt
 from ...cli import refusal
 from ...utils import UserError, check_writable, exit_with, git_commit, lock
 from .report import write_report
-from .runner import RayEngine, earlier_runs, nothing_to_run, quiet_runs, read_csv, run_study
+from .runner import RayEngine, earlier_runs, log_command, nothing_to_run, quiet_runs, read_csv, run_study
 from .study import Run, Study
 
 PROG = "python -m shakespeare_gpt.tools.ablate"
@@ -60,14 +62,21 @@ def run(opts, study: Study, study_dir: Path, report_dir: Path) -> list[dict]:
                 stack.callback(held.close)
         earlier = earlier_runs(study, report_dir / "results.csv")
         engine = RayEngine(opts.jobs or 2, opts.address, opts.cpus_per_run, opts.gpus_per_run)
+        started, clock, ended = datetime.now(UTC), time.perf_counter(), "failed"
         try:
             with engine:
-                return run_study(study, study_dir, engine, report_dir / "results.csv", earlier)
+                results = run_study(study, study_dir, engine, report_dir / "results.csv", earlier)
+            ended = "finished"
+            return results
         except KeyboardInterrupt:
-            name = "SIGTERM" if engine.terminated else "Ctrl-C"
+            ended = "SIGTERM" if engine.terminated else "Ctrl-C"
             stopped = "the study stopped; every run it started was stopped. Run the same command to resume"
-            print(f"{name}: {stopped} (finished runs are kept).", file=sys.stderr, flush=True)
+            print(f"{ended}: {stopped} (finished runs are kept).", file=sys.stderr, flush=True)
             raise SystemExit(143 if engine.terminated else 130) from None
+        finally:
+            minutes = (time.perf_counter() - clock) / 60
+            log_command(report_dir / "commands.csv", started, minutes, ended)
+            print(f"{study.name}: this command ran for {minutes:.1f} min ({ended})", flush=True)
 
 
 def main(argv: list[str] | None = None) -> None:

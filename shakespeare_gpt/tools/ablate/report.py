@@ -6,6 +6,7 @@ again from a committed results.csv.
 
 from __future__ import annotations
 
+import csv
 import hashlib
 import math
 import os
@@ -261,6 +262,18 @@ def companion(path: Path, reports: Path) -> list[str]:
     return lines + verdict_rows(table, evaluate(other, table))
 
 
+def wall_time(path: Path) -> str:
+    """The runner's wall time, over every command that ran the study into this folder (its commands.csv)."""
+    if not path.exists():
+        return ""
+    with path.open(newline="") as f:
+        minutes = [float(row["minutes"]) for row in csv.DictReader(f)]
+    return (
+        f"; {sum(minutes):.1f} min of runner wall time over {len(minutes)} command(s), each a row of "
+        "[commands.csv](commands.csv) (its start in UTC and how it ended)"
+    )
+
+
 def write_report(study: Study, results: list[dict], out: Path, study_file: str, commit: str = "") -> Path:
     """Write ``out/README.md`` and its PNG plots from ``results``; return the Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
@@ -289,7 +302,9 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         f"{', '.join(f'{lr:g}' for lr in lrs)} with seeds {', '.join(map(str, seeds))} "
         f"({'/'.join(map(str, steps))} steps each), base config `{study.base.name}`"
         + (f", extra arguments `{' '.join(study.args)}`" if study.args else "")
-        + f". {hours:.1f} hours of run time in all (the sum over runs, each timed in its worker).",
+        + f". {hours:.1f} hours of run time in all (the sum over runs, each timed in its worker)"
+        + wall_time(out / "commands.csv")
+        + ".",
         "",
         f"- Runs computed by the code at commit(s) {', '.join(f'`{c}`' for c in commits) or 'not recorded'}"
         + (f"; this report written at `{commit}`" if commit else "")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import time
 from collections.abc import Iterator
+from datetime import datetime
 from pathlib import Path
 from typing import Protocol
 
@@ -308,6 +309,16 @@ def write_csv(results: list[dict], path: Path) -> None:
                 writer.writerows([r["variant"], repr(r["lr"]), r["seed"], *point] for point in r.get("curve") or [])
 
 
+def log_command(path: Path, started: datetime, minutes: float, ended: str) -> None:
+    """Add one runner command to ``commands.csv``: when it started (UTC), its wall time, how it ended."""
+    new = not path.exists()
+    with path.open("a", newline="") as f:
+        writer = csv.writer(f)
+        if new:
+            writer.writerow(["started", "minutes", "ended"])
+        writer.writerow([f"{started:%Y-%m-%d %H:%M}", f"{minutes:.1f}", ended])
+
+
 def read_curves(path: Path) -> dict[tuple[str, float, int], list[list]]:
     """The curves of ``curves.csv`` (absent: none), by run: [[step, val loss, train loss], ...]."""
     curves: dict[tuple[str, float, int], list[list]] = {}
@@ -431,7 +442,6 @@ def run_study(study: Study, study_dir: Path, engine: Engine, csv_path: Path, ear
     """
     commit = git_commit()
     done: dict[Run, dict] = {Run(r["variant"], r["lr"], r["seed"]): r for r in earlier}
-    start = time.perf_counter()
     said: set[str] = set()
     rounds = 0
     while True:
@@ -468,6 +478,5 @@ def run_study(study: Study, study_dir: Path, engine: Engine, csv_path: Path, ear
             )
         if failures:
             raise UserError(f"{failures} run(s) failed; run the same command again to retry only those")
-    minutes = (time.perf_counter() - start) / 60
-    print(f"{study.name}: all {len(done)} runs finished; this command ran for {minutes:.1f} min", flush=True)
+    print(f"{study.name}: all {len(done)} runs finished", flush=True)
     return list(done.values())  # plan() keeps every finished run, so this is every run of the study
