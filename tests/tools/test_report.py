@@ -18,10 +18,12 @@ from .test_verdicts import FLAT, LR, MIDDLE, grid, results, shifted, study
 
 
 def test_the_report_shows_each_verdict_with_its_numbers_and_the_plots(tmp_path):
-    s = study(tmp_path, [{"id": 4, "claim": "a beats | b.", "compare": ["a", "b"]}], max_seeds=4)
+    claim = {"id": 4, "claim": "a beats | b.", "compare": ["a", "b"]}
+    s = study(tmp_path, [claim], max_seeds=4, about="Why a and b, in words.\n")
     rows = results(grid(shifted(FLAT, -0.1), FLAT))
     path = write_report(s, rows, tmp_path / "report", str(tmp_path / "study.yaml"), "abc123")
     text = path.read_text()
+    assert text.startswith("# Ablation study: synthetic\n\nWhy a and b, in words.\n\nStudy file `")
     row = next(line for line in text.splitlines() if line.startswith("| 4 |"))
     assert row.startswith(
         "| 4 | a beats \\| b. | **supported** | a vs b, val lower, at best lrs (0.001, 0.001): d = -0.1000 ["

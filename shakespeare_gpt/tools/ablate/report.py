@@ -289,7 +289,7 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     command += "" if out == Path("reports", study.name) else f" --report {out}"  # not the default folder
     wanted, notes = plan(study, results)
     plots_curves = any(r.get("curve") for r in results)
-    lines = [f"# Ablation study: {study.name}", ""]
+    lines = [f"# Ablation study: {study.name}", "", *([study.about.strip(), ""] if study.about else [])]
     if missing := missing_runs(wanted, results):
         lines += [
             f"**Interim report: the study is not finished.** {missing} of the {len(wanted)} runs it plans so far "

@@ -112,6 +112,7 @@ class Study:
     extend_grid: NonNegativeInt = 0  # learning rates a variant's grid may grow by at each end
     max_seeds: NonNegativeInt | None = None  # seeds a point may get where an interval straddles (default: seeds)
     also: list[Path_fr] = field(default_factory=list)  # other study files whose verdicts join the report
+    about: str = ""  # the design in words (why these sizes, steps, rates), the report's opening paragraph
 
     def __post_init__(self) -> None:
         self.base = Path(os.fspath(self.base))
