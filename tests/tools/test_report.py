@@ -13,6 +13,7 @@ from shakespeare_gpt.tools.ablate.report import plot, write_report
 from shakespeare_gpt.tools.ablate.runner import log_command, write_csv
 from shakespeare_gpt.tools.ablate.study import Run
 from shakespeare_gpt.tools.ablate.verdicts import aggregate
+from shakespeare_gpt.utils import UserError
 
 from .test_verdicts import FLAT, LR, MIDDLE, grid, results, shifted, study
 
@@ -81,9 +82,11 @@ def test_a_study_named_under_also_joins_the_report_and_says_when_it_is_not_finis
 
 
 def test_what_to_expect_says_in_numbers_which_size_still_improved_and_which_rose(tmp_path):
-    s = study(tmp_path, [{"id": 1, "claim": "c", "compare": ["a", "b"]}], lrs=[LR])
-    # Val loss at steps 100-400 (seed s adds 0.01 s): the big a is lowest at step 200, then rises; b still falls.
-    curves, params = {"a": [2.0, 1.5, 1.6, 1.65], "b": [2.2, 2.0, 1.9, 1.8]}, {"a": 1000, "b": 100}
+    s = study(tmp_path, [{"id": 1, "claim": "c", "compare": ["a", "b"]}], variants=("a", "b", "c"), lrs=[LR])
+    # Val loss at steps 100-400 (seed s adds 0.01 s): b still falls at the end; c is lowest at step 200 and
+    # ends below step 300; the big a is lowest at step 200 and ends above step 300.
+    curves = {"a": [2.0, 1.5, 1.6, 1.65], "b": [2.2, 2.0, 1.9, 1.8], "c": [2.1, 1.7, 1.75, 1.72]}
+    params = {"a": 1000, "b": 100, "c": 500}
     rows = results({(v, LR): [min(c)] * 3 for v, c in curves.items()})
     for r in rows:
         vals = [x + 0.01 * r["seed"] for x in curves[r["variant"]]]
@@ -91,15 +94,17 @@ def test_what_to_expect_says_in_numbers_which_size_still_improved_and_which_rose
         r |= {"best_val_loss": min(vals), "final_val_loss": vals[-1], "best_step": 100 * (vals.index(min(vals)) + 1)}
     text = write_report(s, rows, tmp_path / "report", str(tmp_path / "study.yaml")).read_text()
     assert (
-        "The lowest val loss was a's (1.510), the biggest size's. Over the last quarter of the run, the val loss "
-        "still fell for b (by 0.100): a longer run would still help. Over the last quarter of the run, the val loss "
-        "rose for a (by 0.050): a run longer than its lowest point gains nothing." in text
+        "The lowest val loss was a's (1.510), the biggest size's. For b (-0.100 since step 300), the val loss was "
+        "at its lowest at the last validation, still falling: a longer run may help. For c (-0.030 since step 300, "
+        "0.020 above its lowest at step 200), the val loss was lower at the end than a quarter of the run before, "
+        "but above its lowest point. For a (+0.050 since step 300, 0.150 above its lowest at step 200), the val "
+        "loss was higher at the end than a quarter of the run before: a run longer than its lowest point gains "
+        "nothing." in text
     )
-    assert "- b, 100 parameters: lowest val loss 1.810 (at step 400 on average), 1.810 at step 400" in text
     assert (
-        "- a, 1,000 parameters: lowest val loss 1.510 (at step 200 on average), 1.660 at step 400, a rise of "
-        "0.150 after its lowest point; from step 300 to the end it rose by 0.050." in text
-    )
+        "- a, 1,000 parameters: val loss 1.610 at step 300, 1.510 at its lowest (step 200), 1.660 at step 400. "
+        "Each run's own lowest came at step 200 on average, and its val loss rose by 0.150 after it (overfit)."
+    ) in text
 
 
 def test_the_runners_wall_time_is_summed_over_the_commands_that_ran_the_study(tmp_path):
@@ -109,9 +114,13 @@ def test_the_runners_wall_time_is_summed_over_the_commands_that_ran_the_study(tm
     log_command(tmp_path / "r" / "commands.csv", datetime(2026, 1, 2, 3, 4, 5), 63.66, "SIGTERM")
     log_command(tmp_path / "r" / "commands.csv", datetime(2026, 1, 2, 5, 0), 53.7, "finished")
     assert (tmp_path / "r" / "commands.csv").read_text().splitlines() == [
-        "started,minutes,ended",
+        "started_utc,minutes,ended",
         "2026-01-02 03:04,63.7,SIGTERM",
         "2026-01-02 05:00,53.7,finished",
     ]
     text = write_report(s, rows, tmp_path / "r", str(tmp_path / "study.yaml")).read_text()
     assert "each timed in its worker); 117.4 min of runner wall time over 2 command(s), each a row of " in text
+    with (tmp_path / "r" / "commands.csv").open("a") as f:
+        f.write("2026-01-03 00:00,,finished\n")  # a row edited by hand
+    with pytest.raises(UserError, match=r"commands.csv: not a commands.csv \(ValueError.*restore it \(git checkout\)"):
+        write_report(s, rows, tmp_path / "r", str(tmp_path / "study.yaml"))

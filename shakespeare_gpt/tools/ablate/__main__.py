@@ -75,7 +75,10 @@ def run(opts, study: Study, study_dir: Path, report_dir: Path) -> list[dict]:
             raise SystemExit(143 if engine.terminated else 130) from None
         finally:
             minutes = (time.perf_counter() - clock) / 60
-            log_command(report_dir / "commands.csv", started, minutes, ended)
+            try:
+                log_command(report_dir / "commands.csv", started, minutes, ended)
+            except OSError as e:  # the study's outcome, not this, is what the user needs to see
+                print(f"warning: {report_dir / 'commands.csv'} not written ({e.strerror})", file=sys.stderr)
             print(f"{study.name}: this command ran for {minutes:.1f} min ({ended})", flush=True)
 
 

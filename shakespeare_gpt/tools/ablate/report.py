@@ -137,9 +137,10 @@ def by_size(table: Table, results: list[dict]) -> list[tuple[str, float, list[di
 
 
 def seed_curves(runs: list[dict], column: int) -> tuple[list[int], list[list[float]]]:
-    """The steps every seed was measured at, and each seed's loss there (column 1: val, 2: train)."""
-    steps = sorted(set.intersection(*({p[0] for p in r["curve"]} for r in runs)))
-    return steps, [[dict((p[0], p[column]) for p in r["curve"])[s] for s in steps] for r in runs]
+    """The steps where every seed has a finite loss, and each seed's loss there (column 1: val, 2: train)."""
+    curves = [{p[0]: p[column] for p in r["curve"] if math.isfinite(p[column])} for r in runs]
+    steps = sorted(set.intersection(*(set(c) for c in curves)))
+    return steps, [[c[s] for s in steps] for c in curves]
 
 
 def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
@@ -181,33 +182,42 @@ def plot_curves(table: Table, results: list[dict], out: Path) -> list[str]:
 def what_to_expect(table: Table, results: list[dict]) -> list[str]:
     """In plain words and these runs' numbers: what a bigger model or a longer run gives. None without curves."""
     sizes = by_size(table, results)
-    if not sizes:
-        return []
-    lines, late = [], {}  # late: the change of the mean val loss over the run's last quarter
+    lines, kinds = [], {"end": [], "fell": [], "rose": []}  # where each size's mean val curve was lowest, ended
     for v, lr, runs in sizes:
         steps, vals = seed_curves(runs, 1)
+        if len(steps) < 2:
+            continue
         mean = [statistics.mean(x) for x in zip(*vals, strict=True)]
-        quarter = next(i for i, s in enumerate(steps) if s >= steps[-1] * 3 / 4)
-        late[v] = mean[-1] - mean[quarter]
-        lines.append(
-            f"- {v}, {runs[0]['parameters']:,} parameters: lowest val loss {table[v][lr].val:.3f} (at step "
-            f"{statistics.mean(r['best_step'] for r in runs):,.0f} on average), {table[v][lr].final_val:.3f} at step "
-            f"{steps[-1]:,}, a rise of {statistics.mean(table[v][lr].overfits):.3f} after its lowest point; from "
-            f"step {steps[quarter]:,} to the end it {'fell' if late[v] < 0 else 'rose'} by {abs(late[v]):.3f}."
+        q = min(next(i for i, s in enumerate(steps) if s >= steps[-1] * 3 / 4), len(steps) - 2)  # a quarter before
+        low = mean.index(min(mean))
+        kind = "end" if low == len(mean) - 1 else "fell" if mean[-1] < mean[q] else "rose"
+        kinds[kind].append(
+            f"{v} ({mean[-1] - mean[q]:+.3f} since step {steps[q]:,}"
+            + (f", {mean[-1] - mean[low]:.3f} above its lowest at step {steps[low]:,})" if kind != "end" else ")")
         )
+        lines.append(
+            f"- {v}, {runs[0]['parameters']:,} parameters: val loss {mean[q]:.3f} at step {steps[q]:,}, "
+            f"{mean[low]:.3f} at its lowest (step {steps[low]:,}), {mean[-1]:.3f} at step {steps[-1]:,}. Each run's "
+            f"own lowest came at step {statistics.mean(r['best_step'] for r in runs):,.0f} on average, and its val "
+            f"loss rose by {statistics.mean(table[v][lr].overfits):.3f} after it (overfit)."
+        )
+    if not lines:
+        return []
     best = min(sizes, key=lambda row: table[row[0]][row[1]].val)[0]
     bigger = [v for v, _, _ in sizes[[v for v, _, _ in sizes].index(best) + 1 :]]
-    text = "Each size trained at one learning rate, its val loss measured at every validation (means over seeds). "
+    text = "Each size trained at one learning rate; the numbers are the mean val loss over seeds at each validation. "
     text += f"The lowest val loss was {best}'s ({table[best][best_lr(table[best])].val:.3f})"
     text += f"; the bigger {', '.join(bigger)} did not go lower." if bigger else ", the biggest size's."
-    for names, went, meaning in [
-        ([v for v in late if late[v] < 0], "still fell", "a longer run would still help"),
-        ([v for v in late if late[v] >= 0], "rose", "a run longer than its lowest point gains nothing"),
+    for kind, said in [
+        ("end", "was at its lowest at the last validation, still falling: a longer run may help"),
+        ("fell", "was lower at the end than a quarter of the run before, but above its lowest point"),
+        (
+            "rose",
+            "was higher at the end than a quarter of the run before: a run longer than its lowest point gains nothing",
+        ),
     ]:
-        if names:
-            amounts = [f"{x:.3f}" for x in sorted(abs(late[v]) for v in names)]
-            text += f" Over the last quarter of the run, the val loss {went} for {', '.join(names)} "
-            text += f"(by {' to '.join(dict.fromkeys([amounts[0], amounts[-1]]))}): {meaning}."
+        if kinds[kind]:
+            text += f" For {', '.join(kinds[kind])}, the val loss {said}."
     text += " Whatever comes after the lowest point, `fit` keeps that checkpoint (`best-*.ckpt`)."
     return ["## What to expect from a bigger model or a longer run", "", text, "", *lines]
 
@@ -267,10 +277,13 @@ def wall_time(path: Path) -> str:
     if not path.exists():
         return ""
     with path.open(newline="") as f:
-        minutes = [float(row["minutes"]) for row in csv.DictReader(f)]
+        try:
+            minutes = [float(row["minutes"]) for row in csv.DictReader(f)]
+        except (KeyError, TypeError, ValueError) as e:
+            raise UserError(f"{path}: not a commands.csv ({e!r}): restore it (git checkout) or move it away") from None
     return (
         f"; {sum(minutes):.1f} min of runner wall time over {len(minutes)} command(s), each a row of "
-        "[commands.csv](commands.csv) (its start in UTC and how it ended)"
+        "[commands.csv](commands.csv) (its start and how it ended)"
     )
 
 

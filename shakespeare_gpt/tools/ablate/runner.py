@@ -315,7 +315,7 @@ def log_command(path: Path, started: datetime, minutes: float, ended: str) -> No
     with path.open("a", newline="") as f:
         writer = csv.writer(f)
         if new:
-            writer.writerow(["started", "minutes", "ended"])
+            writer.writerow(["started_utc", "minutes", "ended"])
         writer.writerow([f"{started:%Y-%m-%d %H:%M}", f"{minutes:.1f}", ended])
 
 
