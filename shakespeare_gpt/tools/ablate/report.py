@@ -291,7 +291,7 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     """Write ``out/README.md`` and its PNG plots from ``results``; return the Markdown file's path."""
     out.mkdir(parents=True, exist_ok=True)
     table = aggregate(results)
-    plots = plot(table, out)
+    plots = plot(table, out) + plot_curves(table, results, out)
     seeds = sorted({r["seed"] for r in results})
     steps = sorted({r["steps"] for r in results})
     lrs = sorted({float(r["lr"]) for r in results})
@@ -301,7 +301,6 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
     command = f"python -m shakespeare_gpt.tools.ablate {study_file}"
     command += "" if out == Path("reports", study.name) else f" --report {out}"  # not the default folder
     wanted, notes = plan(study, results)
-    plots_curves = any(r.get("curve") for r in results)
     lines = [f"# Ablation study: {study.name}", "", *([study.about.strip(), ""] if study.about else [])]
     if missing := missing_runs(wanted, results):
         lines += [
@@ -332,7 +331,11 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "
         "`final` the last; the gap is final val - final train; overfit is final val - best val, how far the "
         "val loss rose after its lowest point (0 when the last validation is the lowest)"
-        + (", and every validation of every run is a row of [curves.csv](curves.csv)." if plots_curves else "."),
+        + (
+            ", and every validation of every run is a row of [curves.csv](curves.csv)."
+            if "curves.png" in plots
+            else "."
+        ),
         "",
         "## Verdicts",
         "",
@@ -345,7 +348,6 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         lines += [f"- {note}" for note in notes]
     for other in study.also:
         lines += ["", *companion(other, out.parent)]
-    plots += plot_curves(table, results, out)
     if expect := what_to_expect(table, results):
         lines += ["", *expect]
     lines += ["", "## Plots", "", *(f"![{p}]({p})" for p in plots)]

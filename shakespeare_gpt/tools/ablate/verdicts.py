@@ -105,7 +105,7 @@ def contrast(terms: list[tuple[float, list[float]]]) -> Estimate:
     return Estimate(d, d - half, d + half, df)
 
 
-def judge(expect: str, est: Estimate, margin: float | None, by: float = 0.0) -> str:
+def judge(expect: str, est: Estimate, margin: float | None, by: float) -> str:
     """supported / contradicted / inconclusive, by the rule in ``report.RULE``."""
     lo, hi = est.lo, est.hi
     if math.isnan(lo):
@@ -157,7 +157,7 @@ def compare(table: Table, part: Comparison, margin: float | None) -> list[Test]:
 
     def test(label: str, terms: list[tuple[float, str, float]]) -> None:
         est = contrast([(c, table[v][lr].samples(metric)) for c, v, lr in terms])
-        verdict = judge(part.expect, est, margin, part.by or 0.0)
+        verdict = judge(part.expect, est, margin, part.by)
         tests.append(Test(part, label, est, verdict, [(v, lr) for _, v, lr in terms]))
 
     if part.b is None:  # one variant's metric against the threshold ``by``
