@@ -331,11 +331,8 @@ def write_report(study: Study, results: list[dict], out: Path, study_file: str, 
         "same length, both in eval mode (no dropout). `best` is the lowest over the run's validations, "
         "`final` the last; the gap is final val - final train; overfit is final val - best val, how far the "
         "val loss rose after its lowest point (0 when the last validation is the lowest)"
-        + (
-            ", and every validation of every run is a row of [curves.csv](curves.csv)."
-            if "curves.png" in plots
-            else "."
-        ),
+        + (", and every validation of every run is a row of [curves.csv](curves.csv)" if "curves.png" in plots else "")
+        + ".",
         "",
         "## Verdicts",
         "",
